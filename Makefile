@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create the virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SHARED ?= ../shared/data
+DEMO_VIDEO ?= $(SHARED)/videos/short_hamilton_clip.mp4
+# piqe is the one pyiqa IQA metric that builds without downloading weights (the build machines are offline);
+# real users get DBCNN, the default, downloaded on first use.
+DEMO_ARGS ?= --topk 5 --iqa piqe --fr-model $(SHARED)/models/mobilefacenet_paddlex_128d.onnx --out cafi_out/demo
+
+.PHONY: install demo test
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@# pyiqa, facexlib and mediapipe each install a cv2 build into the same folder: the headless one must win.
+	$(PY) -m pip install -q --no-deps --force-reinstall -c constraints.txt opencv-python-headless
+	$(PY) -c "import cv2, mediapipe, av, onnxruntime, pyiqa, norfair; print('cv2', cv2.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cafi-stream $(DEMO_VIDEO) $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q

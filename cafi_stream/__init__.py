@@ -1,0 +1,15 @@
+"""cafi-stream: keep the best-quality faces of every person in a video (CAFI: SER-FIQ filter + IQA ranking)."""
+
+from .config import Config, load_config
+from .errors import CafiError, InputError, ModelError
+
+__version__ = "0.1.0"
+
+__all__ = ["CafiError", "Config", "InputError", "ModelError", "load_config", "run"]
+
+
+def run(source, config=None, out_dir=None, **kwargs):
+    """Process one video source; see `cafi_stream.pipeline.run`."""
+    from .pipeline import run as _run
+
+    return _run(source, config if config is not None else load_config(), out_dir=out_dir, **kwargs)

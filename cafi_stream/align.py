@@ -1,0 +1,61 @@
+"""Stage 4b: the crops a face is judged and saved by: ArcFace-aligned 112x112, background-masked IQA crop, context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .landmarks import FaceLandmarks
+
+# ArcFace / insightface 5-point template for a 112x112 face.
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                             [41.5493, 92.3655], [70.7299, 92.2041]], np.float32)
+
+
+@dataclass(frozen=True)
+class FaceCrops:
+    aligned: np.ndarray    # (S, S, 3) RGB, 5-point similarity alignment
+    masked: np.ndarray     # (Q, Q, 3) RGB, the source box with everything outside the face oval set to black
+    context: np.ndarray    # RGB crop of the source frame around the face, at source resolution
+    mask_coverage: float   # fraction of the masked crop that is face
+
+
+def similarity_to_template(five: np.ndarray, size: int = 112) -> np.ndarray:
+    dst = ARCFACE_TEMPLATE * (size / 112.0)
+    m, _ = cv2.estimateAffinePartial2D(five, dst, method=cv2.LMEDS)
+    if m is None:   # degenerate points: least squares on all five
+        m, _ = cv2.estimateAffinePartial2D(five, dst, method=0)
+    return m
+
+
+def align_face(image: np.ndarray, five: np.ndarray, size: int = 112) -> np.ndarray:
+    return cv2.warpAffine(image, similarity_to_template(five, size), (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT)
+
+
+def _square_warp(image: np.ndarray, box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    scale = size / float(box[2] - box[0])
+    m = np.array([[scale, 0, -box[0] * scale], [0, scale, -box[1] * scale]], np.float32)
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return cv2.warpAffine(image, m, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT), m
+
+
+def context_crop(image: np.ndarray, box: np.ndarray, scale: float) -> np.ndarray:
+    h, w = image.shape[:2]
+    cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (box[2] - box[0]) * scale / 2
+    x0, y0 = max(0, int(round(cx - half))), max(0, int(round(cy - half)))
+    x1, y1 = min(w, int(round(cx + half))), min(h, int(round(cy + half)))
+    return np.ascontiguousarray(image[y0:y1, x0:x1])
+
+
+def crop_face(image: np.ndarray, box: np.ndarray, landmarks: FaceLandmarks, aligned_size: int = 112,
+              iqa_size: int = 384, context_scale: float = 1.6) -> FaceCrops:
+    masked, m = _square_warp(image, box, iqa_size)
+    oval = landmarks.oval @ m[:, :2].T + m[:, 2]
+    mask = np.zeros((iqa_size, iqa_size), np.uint8)
+    cv2.fillPoly(mask, [np.round(oval).astype(np.int32)], 1)
+    masked *= mask[:, :, None]
+    return FaceCrops(aligned=align_face(image, landmarks.five, aligned_size), masked=masked,
+                     context=context_crop(image, box, context_scale), mask_coverage=float(mask.mean()))

@@ -1,0 +1,92 @@
+"""`cafi-stream`: a thin command line over `cafi_stream.pipeline.run`. Heavy libraries load only after parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import CafiError
+
+log = logging.getLogger("cafi_stream")
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return f"cafi-stream: {record.levelname.lower()}: {msg}"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):   # one line and exit 2, without argparse's usage block
+        sys.stderr.write(f"cafi-stream: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cafi-stream", description="Keep the best-quality face images of every person in a video.")
+    p.add_argument("source", help="video file or URL")
+    p.add_argument("--topk", type=int, help="faces kept per track (default 5)")
+    p.add_argument("--out", help="output folder (default cafi_out/<source stem>/)")
+    p.add_argument("--config", help="TOML file overlaid on configs/default.toml")
+    p.add_argument("--models-dir", help="where model files are found and downloaded to (or $CAFI_MODELS_DIR)")
+    p.add_argument("--fr-model", help="face-recognition model: a registry name or an ONNX file (default arcface_r50)")
+    p.add_argument("--iqa", help="dbcnn (default), any pyiqa no-reference metric, or none (rank by SER-FIQ)")
+    p.add_argument("--min-face", type=int, help="least face box side in source pixels to score (default 112)")
+    p.add_argument("--min-gap", type=float, help="least seconds between kept faces of one track (default 0.5)")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where torch and ONNX Runtime run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no result line")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    def pick(**kv):
+        return {k: v for k, v in kv.items() if v is not None}
+
+    return {
+        "output": pick(topk=args.topk, min_gap=args.min_gap),
+        "faces": pick(min_face=args.min_face),
+        "fr": pick(model=args.fr_model),
+        "iqa": pick(name=args.iqa),
+        "decode": pick(max_frames=args.max_frames),
+        "runtime": pick(device=args.device, models_dir=args.models_dir),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    log.propagate = False
+    try:
+        from .config import load_config
+        from .pipeline import run
+
+        cfg = load_config(args.config, _overrides(args))
+        progress = not args.quiet and sys.stderr.isatty()
+        result = run(args.source, cfg, out_dir=args.out, progress=progress)
+    except CafiError as e:
+        log.error("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted; open tracks and summary.json were written")
+        return 130
+    except Exception as e:   # an internal error: one line, the traceback only with -v
+        log.debug("traceback", exc_info=True)
+        log.error("internal error: %s: %s%s", type(e).__name__, e, "" if args.verbose else " (run with -v for details)")
+        return 1
+    s = result.summary
+    if not args.quiet:
+        print(json.dumps({"out_dir": str(result.out_dir), "frames": s["frames"], "tracks": s["tracks"],
+                          "faces_kept": s["faces_kept"], "fps": s["fps"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

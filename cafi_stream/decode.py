@@ -1,0 +1,234 @@
+"""Stage 1: decode a video with PyAV (threaded) into a bounded asyncio queue, in decode order with timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import av.logging
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+# FFmpeg's own error messages (corrupt or cut-short data) reach Python logging under "libav"; they are counted per
+# decoder, not printed.
+av.logging.set_level(av.logging.ERROR)
+logging.getLogger("libav").propagate = False
+logging.getLogger("libav").addHandler(logging.NullHandler())
+
+
+class _FFmpegErrors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.count = 0
+        self.first: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = f"{record.name.removeprefix('libav.')}: {record.getMessage().strip()}"
+
+
+@dataclass(frozen=True)
+class VideoFrame:
+    index: int          # decode order, from 0
+    pts_time: float     # presentation time in seconds
+    image: np.ndarray   # HxWx3 uint8 RGB
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    source: str
+    width: int
+    height: int
+    fps: float
+    frames: int | None       # as the container declares it (None when unknown)
+    duration: float | None   # seconds, as the container declares it
+    start_time: float        # first presentation time, seconds
+    codec: str
+
+
+@dataclass
+class DecodeStats:
+    frames: int = 0
+    seconds: float = 0.0
+    truncated: str | None = None   # why decoding stopped early, if it did
+
+
+class _End:
+    """Queue sentinel: decoding finished (normally, or with `error`)."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+def _mp4_top_level_boxes(path: Path, limit: int = 64) -> list[str]:
+    types = []
+    with open(path, "rb") as f:
+        size_total = path.stat().st_size
+        pos = 0
+        while pos + 8 <= size_total and len(types) < limit:
+            f.seek(pos)
+            size, kind = struct.unpack(">I4s", f.read(8))
+            if size == 1:
+                size = struct.unpack(">Q", f.read(8))[0]
+            elif size == 0:
+                size = size_total - pos
+            types.append(kind.decode("latin-1"))
+            if size < 8:
+                break
+            pos += size
+    return types
+
+
+def _explain_unreadable(path: Path) -> str:
+    try:
+        boxes = _mp4_top_level_boxes(path)
+    except (OSError, struct.error):
+        boxes = []
+    if "ftyp" in boxes and "moov" not in boxes:
+        return f"{path}: the MP4 index ('moov') is missing, so the file was probably cut short while being written"
+    return f"{path}: not a readable video file"
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source
+
+
+def open_video(source: str, threads: int = 0) -> tuple[av.container.InputContainer, av.video.stream.VideoStream,
+                                                        VideoInfo]:
+    """Open `source` and describe its first video stream. Bad input raises InputError with a one-line reason."""
+    if not _is_url(source):
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"{source}: no such file")
+        if path.is_dir():
+            raise InputError(f"{source}: is a directory, not a video file")
+        if path.stat().st_size == 0:
+            raise InputError(f"{source}: empty file")
+    try:
+        container = av.open(source, mode="r")
+    except av.error.FFmpegError as e:
+        if _is_url(source):
+            raise InputError(f"{source}: cannot open ({e.strerror or e})") from None
+        raise InputError(_explain_unreadable(Path(source))) from None
+    except OSError as e:
+        raise InputError(f"{source}: {e.strerror or e}") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{source}: has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"     # frame + slice threads
+    stream.thread_count = threads
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(rate) if rate else 25.0
+    duration = None
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    info = VideoInfo(source=source, width=stream.codec_context.width, height=stream.codec_context.height, fps=fps,
+                     frames=stream.frames or None, duration=duration, start_time=start,
+                     codec=stream.codec_context.name)
+    return container, stream, info
+
+
+class Decoder:
+    """Decodes in its own thread and hands frames to an asyncio queue; the queue bound gives back-pressure."""
+
+    def __init__(self, source: str, queue_size: int = 16, threads: int = 0, max_frames: int = 0):
+        self.container, self.stream, self.info = open_video(source, threads)
+        self.queue_size = queue_size
+        self.max_frames = max_frames
+        self.stats = DecodeStats()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _frames(self):
+        errors = _FFmpegErrors()
+        logging.getLogger("libav").addHandler(errors)
+        try:
+            yield from self._decode()
+        finally:
+            logging.getLogger("libav").removeHandler(errors)
+        if errors.count and not self.stats.truncated:
+            self.stats.truncated = f"the input has damaged or missing data ({errors.first})"
+
+    def _decode(self):
+        t0 = time.perf_counter()
+        index = 0
+        last_time = None
+        try:
+            for frame in self.container.decode(self.stream):
+                image = frame.to_ndarray(format="rgb24")
+                pts = frame.time
+                if pts is None:   # no usable timestamp: derive one from the frame rate
+                    pts = (last_time + 1.0 / self.info.fps) if last_time is not None else 0.0
+                last_time = pts
+                self.stats.seconds += time.perf_counter() - t0
+                yield VideoFrame(index=index, pts_time=float(pts), image=image)
+                t0 = time.perf_counter()
+                index += 1
+                if self._stop.is_set() or (self.max_frames and index >= self.max_frames):
+                    return
+        except av.error.FFmpegError as e:
+            if index == 0:
+                raise InputError(f"{self.info.source}: no decodable video frame ({e.strerror or e})") from None
+            self.stats.truncated = f"decoding stopped at frame {index} ({e.strerror or e})"
+            return
+        if index == 0:
+            raise InputError(f"{self.info.source}: no decodable video frame")
+        info = self.info
+        if not _is_url(info.source) and info.duration and last_time is not None:
+            end = info.start_time + info.duration
+            if last_time < end - max(1.0, 0.05 * info.duration):
+                self.stats.truncated = f"the video ends at {last_time:.1f} s of the {end:.1f} s it declares"
+
+    def _pump(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
+        end = _End()
+        try:
+            for frame in self._frames():
+                self.stats.frames += 1
+                asyncio.run_coroutine_threadsafe(queue.put(frame), loop).result()
+        except BaseException as e:   # handed to the consumer, which re-raises it in the event loop
+            end = _End(e)
+        finally:
+            self.container.close()
+            asyncio.run_coroutine_threadsafe(queue.put(end), loop).result()
+
+    async def frames(self):
+        """Async iterator over decoded frames. Decoding runs ahead by at most `queue_size` frames."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self.queue_size)
+        thread = threading.Thread(target=self._pump, args=(queue, loop), name="cafi-decode", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            self.stop()
+            while thread.is_alive():   # drain so the decoder thread can finish
+                try:
+                    item = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    await asyncio.sleep(0.01)
+                    continue
+                if isinstance(item, _End):
+                    break
+            thread.join(timeout=5)

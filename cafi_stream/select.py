@@ -1,0 +1,119 @@
+"""Stages 7-8: CAFI ranking and per-track top-k in bounded memory.
+
+Faces under the SER-FIQ threshold are dropped; the rest are ranked by IQA (or by SER-FIQ with `--iqa none`).
+Each track holds a SER-FIQ histogram (fixed size) and a pool of at most topk * pool_factor candidates that are
+`min_gap` seconds apart, so memory is O(tracks x k) however long a track lasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
+
+
+@dataclass
+class ScoredFace:
+    track_id: int
+    frame_index: int
+    pts_time: float
+    bbox: np.ndarray          # (4,) xyxy source box
+    det_score: float
+    landmarks: np.ndarray     # (5, 2) source pixels
+    serfiq: float
+    embedding: np.ndarray     # (E,) L2-normalised
+    iqa: float | None         # raw metric value (None when IQA is off)
+    score: float              # ranking key, higher is better
+    images: dict[str, bytes] = field(default_factory=dict)   # encoded crops: context, aligned, masked
+
+
+@dataclass
+class KeptFace:
+    face: ScoredFace
+    rank: int   # 1..k
+
+
+@dataclass
+class SerfiqRule:
+    """A face passes when serfiq >= min_score and >= the track's `quantile` of SER-FIQ so far (0: off)."""
+
+    quantile: float = 0.5
+    min_score: float | None = None
+
+    def threshold(self, hist: np.ndarray) -> float:
+        t = self.min_score if self.min_score is not None else 0.0
+        total = hist.sum()
+        if self.quantile > 0 and total:
+            b = int(np.searchsorted(np.cumsum(hist), self.quantile * total, side="left"))
+            t = max(t, b / _BINS)   # lower edge of the quantile's bin: ties at the edge pass
+        return t
+
+
+class TrackPool:
+    def __init__(self, capacity: int, min_gap: float):
+        self.capacity = capacity
+        self.min_gap = min_gap
+        self.hist = np.zeros(_BINS, np.int32)
+        self.faces: list[ScoredFace] = []
+
+    def observe(self, serfiq: float) -> None:
+        self.hist[min(_BINS - 1, max(0, int(serfiq * _BINS)))] += 1
+
+    def offer(self, face: ScoredFace) -> bool:
+        """Keep `face` if it beats every pooled face within min_gap of it (which it then replaces)."""
+        near = [f for f in self.faces if abs(f.pts_time - face.pts_time) < self.min_gap]
+        if any(f.score >= face.score for f in near):
+            return False
+        if len(self.faces) - len(near) >= self.capacity and face.score <= min(
+                f.score for f in self.faces if f not in near):
+            return False
+        self.faces = [f for f in self.faces if f not in near] + [face]
+        if len(self.faces) > self.capacity:
+            self.faces.remove(min(self.faces, key=lambda f: f.score))
+        return True
+
+
+class Selector:
+    def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3):
+        self.topk = topk
+        self.min_gap = min_gap
+        self.rule = rule
+        self.capacity = topk * pool_factor
+        self.pools: dict[int, TrackPool] = {}
+
+    def _pool(self, track_id: int) -> TrackPool:
+        pool = self.pools.get(track_id)
+        if pool is None:
+            pool = self.pools[track_id] = TrackPool(self.capacity, self.min_gap)
+        return pool
+
+    def passes(self, track_id: int, serfiq: float) -> bool:
+        """Record a face's SER-FIQ score; True when it passes the track's threshold (and is worth an IQA call)."""
+        pool = self._pool(track_id)
+        pool.observe(serfiq)
+        return serfiq >= self.rule.threshold(pool.hist)
+
+    def offer(self, face: ScoredFace) -> bool:
+        return self._pool(face.track_id).offer(face)
+
+    def close(self, track_id: int) -> list[KeptFace]:
+        """End a track: apply the final SER-FIQ threshold and return its top-k, `min_gap` apart, best first."""
+        pool = self.pools.pop(track_id, None)
+        if pool is None:
+            return []
+        threshold = self.rule.threshold(pool.hist)
+        kept: list[ScoredFace] = []
+        for face in sorted(pool.faces, key=lambda f: -f.score):
+            if face.serfiq < threshold:
+                continue
+            if all(abs(face.pts_time - k.pts_time) >= self.min_gap for k in kept):
+                kept.append(face)
+            if len(kept) == self.topk:
+                break
+        return [KeptFace(face, rank) for rank, face in enumerate(kept, 1)]
+
+    @property
+    def open_tracks(self) -> list[int]:
+        return sorted(self.pools)

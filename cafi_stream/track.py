@@ -1,0 +1,101 @@
+"""Stage 3: group faces across frames. norfair (Kalman filter + IoU matching) follows faces through short
+occlusions; a colour-histogram shot-cut detector ends every track at a cut, since no tracker handles cuts itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from .config import TrackConfig
+from .detect import Detections
+
+
+@dataclass
+class TrackUpdate:
+    track_ids: np.ndarray                            # (N,) track id per detection
+    ended: list[int] = field(default_factory=list)   # tracks that ended before or at this frame
+    shot_cut: bool = False
+
+
+class ShotCutDetector:
+    """Bhattacharyya distance between hue-saturation histograms of consecutive frames."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self._prev = None
+
+    def __call__(self, image: np.ndarray) -> bool:
+        small = cv2.resize(image, (64, 36), interpolation=cv2.INTER_AREA)
+        hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+        hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
+        cv2.normalize(hist, hist, 1.0, 0.0, cv2.NORM_L1)
+        cut = self._prev is not None and cv2.compareHist(self._prev, hist, cv2.HISTCMP_BHATTACHARYYA) > self.threshold
+        self._prev = hist
+        return cut
+
+
+class FaceTracker:
+    def __init__(self, cfg: TrackConfig, fps: float):
+        self.cfg = cfg
+        # norfair counts in frames; our gap is in seconds.
+        self.hit_counter_max = max(1, math.ceil(cfg.max_gap * fps))
+        self.cuts = ShotCutDetector(cfg.shot_cut) if cfg.shot_cut > 0 else None
+        self._tracker = None
+        self._ids: dict[int, int] = {}     # norfair id (per tracker instance) -> our id
+        self._next_id = 1
+        self.frames_seen: dict[int, int] = {}   # detections per live track
+        self.shot_cuts = 0
+
+    def _new_tracker(self):
+        from norfair import Tracker
+
+        return Tracker(distance_function="iou", distance_threshold=1.0 - self.cfg.iou_threshold,
+                       hit_counter_max=self.hit_counter_max, initialization_delay=0)
+
+    def _live(self) -> set[int]:
+        if self._tracker is None:
+            return set()
+        return {self._ids[o.id] for o in self._tracker.tracked_objects if o.id in self._ids}
+
+    def update(self, image: np.ndarray, detections: Detections) -> TrackUpdate:
+        from norfair import Detection
+
+        ended: list[int] = []
+        cut = self.cuts is not None and self.cuts(image)
+        if cut or self._tracker is None:
+            if cut:
+                self.shot_cuts += 1
+            ended = sorted(self._live())
+            self._tracker, self._ids = self._new_tracker(), {}
+        before = self._live()
+        dets = [Detection(points=detections.xyxy[i].reshape(2, 2).astype(np.float64),
+                          scores=np.repeat(float(detections.confidence[i]), 2), data=i)
+                for i in range(len(detections))]
+        self._tracker.update(detections=dets)
+        ids = np.full(len(detections), -1, np.int64)
+        for obj in self._tracker.tracked_objects:
+            if obj.id is None:
+                continue
+            if obj.id not in self._ids:
+                self._ids[obj.id] = self._next_id
+                self._next_id += 1
+            det = obj.last_detection
+            if det is not None and any(det is d for d in dets):
+                ids[det.data] = self._ids[obj.id]
+        for tid in ids[ids >= 0]:
+            self.frames_seen[int(tid)] = self.frames_seen.get(int(tid), 0) + 1
+        ended += sorted(before - self._live())
+        return TrackUpdate(track_ids=ids, ended=ended, shot_cut=cut)
+
+    def finish(self) -> list[int]:
+        """End every live track (end of input)."""
+        live = sorted(self._live())
+        self._tracker = None
+        return live
+
+    def is_real(self, track_id: int) -> bool:
+        """Whether a track was detected often enough to be a face, not a one-off false detection."""
+        return self.frames_seen.pop(track_id, 0) >= self.cfg.min_frames

@@ -1,0 +1,116 @@
+"""Stage 9: write kept faces (crops + metadata.jsonl rows) and summary.json, every file atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .select import KeptFace
+
+log = logging.getLogger(__name__)
+
+METADATA = "metadata.jsonl"
+SUMMARY = "summary.json"
+# Where each encoded crop goes, and its metadata column (file_name is the one `imagefolder` loads).
+IMAGE_DIRS = {"context": ("faces", "file_name", ".jpg"), "aligned": ("aligned", "aligned_file", ".png"),
+              "masked": ("masked", "masked_file", ".png")}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def encode_images(context: np.ndarray, aligned: np.ndarray, masked: np.ndarray, jpeg_quality: int = 95
+                  ) -> dict[str, bytes]:
+    """RGB crops -> encoded files (JPEG context crop, lossless aligned and masked crops)."""
+    def enc(ext, img, params=()):
+        ok, buf = cv2.imencode(ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), list(params))
+        if not ok:
+            raise RuntimeError(f"cannot encode {ext} image")
+        return buf.tobytes()
+
+    return {"context": enc(".jpg", context, (cv2.IMWRITE_JPEG_QUALITY, jpeg_quality)),
+            "aligned": enc(".png", aligned), "masked": enc(".png", masked)}
+
+
+def _round(values, digits: int = 2) -> list:
+    return np.round(np.asarray(values, np.float64), digits).tolist()
+
+
+class OutputWriter:
+    def __init__(self, out_dir: Path, source: str, iqa_name: str | None):
+        self.out_dir = Path(out_dir)
+        self.source = source
+        self.iqa_name = iqa_name
+        self.rows = 0
+        self.tracks = 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for sub, _, _ in IMAGE_DIRS.values():
+            (self.out_dir / sub).mkdir(exist_ok=True)
+        self._clear_previous_run()
+        self._meta = open(self.out_dir / METADATA, "w", encoding="utf-8")
+
+    def _clear_previous_run(self) -> None:
+        """A rerun into the same folder replaces the previous run's faces instead of mixing with them."""
+        meta = self.out_dir / METADATA
+        if not meta.exists():
+            return
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for _, column, _ in IMAGE_DIRS.values():
+                name = row.get(column)
+                if isinstance(name, str) and ".." not in Path(name).parts:
+                    (self.out_dir / name).unlink(missing_ok=True)
+
+    def write_track(self, track_id: int, kept: list[KeptFace]) -> None:
+        """Images first, then the track's rows in one append, so no row ever names a missing file."""
+        if not kept:
+            return
+        lines = []
+        for k in kept:
+            f = k.face
+            row = {}
+            for kind, (sub, column, ext) in IMAGE_DIRS.items():
+                name = f"{sub}/t{track_id:06d}_f{f.frame_index:07d}{ext}"
+                atomic_write(self.out_dir / name, f.images[kind])
+                row[column] = name
+            row.update(
+                source=self.source, track_id=track_id, rank=k.rank, frame_index=f.frame_index,
+                pts_time=round(f.pts_time, 4), bbox=_round(f.bbox), det_score=round(f.det_score, 4),
+                landmarks=_round(f.landmarks), serfiq=float(f.serfiq), iqa_model=self.iqa_name,
+                iqa=None if f.iqa is None else float(f.iqa), score=float(f.score),
+                embedding=_round(f.embedding, 6))
+            lines.append(json.dumps(row) + "\n")
+        self._meta.write("".join(lines))
+        self._meta.flush()
+        os.fsync(self._meta.fileno())
+        self.rows += len(lines)
+        self.tracks += 1
+
+    def write_summary(self, summary: dict) -> Path:
+        path = self.out_dir / SUMMARY
+        atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
+        return path
+
+    def close(self) -> None:
+        self._meta.close()

@@ -1,0 +1,56 @@
+"""The acceptance run on the real clip, through the real CLI."""
+
+import json
+
+import cv2
+import numpy as np
+
+from conftest import FR_MODEL, VIDEO, read_rows, run_cli
+
+REQUIRED = {"file_name", "aligned_file", "masked_file", "track_id", "rank", "frame_index", "pts_time", "bbox",
+            "landmarks", "serfiq", "iqa", "score"}
+
+
+def test_acceptance_run_writes_valid_metadata(hamilton_run):
+    proc, out = hamilton_run
+    assert proc.returncode == 0, proc.stderr
+    rows = read_rows(out)
+    assert rows, "no face kept"
+    by_track = {}
+    for row in rows:
+        assert REQUIRED <= row.keys()
+        assert row["iqa"] is None and row["score"] == row["serfiq"]
+        assert len(row["bbox"]) == 4 and np.array(row["landmarks"]).shape == (5, 2)
+        for column in ("file_name", "aligned_file", "masked_file"):
+            image = cv2.imread(str(out / row[column]))
+            assert image is not None, row[column]
+        assert cv2.imread(str(out / row["aligned_file"])).shape == (112, 112, 3)
+        assert cv2.imread(str(out / row["masked_file"])).shape == (384, 384, 3)
+        x1, y1, x2, y2 = row["bbox"]
+        assert x2 - x1 >= 112   # --min-face
+        by_track.setdefault(row["track_id"], []).append(row)
+    for track in by_track.values():
+        assert len(track) <= 3
+        assert sorted(r["rank"] for r in track) == list(range(1, len(track) + 1))
+        ranked = sorted(track, key=lambda r: r["rank"])
+        assert [r["score"] for r in ranked] == sorted((r["score"] for r in track), reverse=True)
+        times = sorted(r["pts_time"] for r in track)
+        assert all(b - a >= 0.5 for a, b in zip(times, times[1:]))   # --min-gap default
+    # The main performer (frames ~90-215) is followed as one person, not split into many tracks.
+    performer = {r["track_id"] for r in rows if 90 <= r["frame_index"] <= 215}
+    assert 1 <= len(performer) <= 2, performer
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 275
+    assert summary["faces_kept"] == len(rows)
+    assert summary["models"]["face_recognition"]["sha256"].startswith("6ced4e0c")
+    assert {"detect", "track", "serfiq", "decode"} <= summary["seconds"].keys()
+    assert summary["config"]["output"]["topk"] == 3
+
+
+def test_serfiq_is_repeatable(hamilton_run, tmp_path):
+    _, first = hamilton_run
+    proc = run_cli(VIDEO, "--topk", 3, "--iqa", "none", "--fr-model", FR_MODEL, "--out", tmp_path, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    a = {(r["track_id"], r["frame_index"]): r["serfiq"] for r in read_rows(first)}
+    b = {(r["track_id"], r["frame_index"]): r["serfiq"] for r in read_rows(tmp_path)}
+    assert a == b

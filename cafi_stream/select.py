@@ -46,7 +46,7 @@ class SerfiqRule:
         t = self.min_score if self.min_score is not None else 0.0
         total = hist.sum()
         if self.quantile > 0 and total:
-            b = int(np.searchsorted(np.cumsum(hist), self.quantile * total, side="left"))
+            b = int(np.searchsorted(np.cumsum(hist), self.quantile * total, side="right"))
             t = max(t, b / _BINS)   # lower edge of the quantile's bin: ties at the edge pass
         return t
 

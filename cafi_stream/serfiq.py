@@ -132,6 +132,25 @@ def _linear(node, consts, producer):
     return None
 
 
+def cut_backbone(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """The sub-graph that computes `tensor`, with `tensor` as its only output."""
+    producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
+    keep, stack = set(), [tensor]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(model.graph.node[i].input)
+    nodes = [n for i, n in enumerate(model.graph.node) if i in keep]
+    used = {name for n in nodes for name in n.input}
+    graph = onnx.helper.make_graph(
+        nodes, model.graph.name,
+        [i for i in model.graph.input if i.name in used],
+        [onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)],
+        initializer=[t for t in model.graph.initializer if t.name in used])
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
 def dropout_masks(passes: int, dim: int, p: float, seed: int) -> np.ndarray:
     """(T, D) inverted-dropout masks: 0 with probability p, else 1/(1-p)."""
     rng = np.random.default_rng(seed)
@@ -177,7 +196,7 @@ class SerFiq:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
         self.size = (dims[2] or 112, dims[3] or 112) if len(dims) == 4 else (112, 112)
         self.fixed_batch = dims[0] if dims and dims[0] else None
-        backbone = onnx.utils.Extractor(model).extract_model([self.input_name], [self.head.cut])
+        backbone = cut_backbone(model, self.head.cut)
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

@@ -1,0 +1,54 @@
+"""Per-track top-k: SER-FIQ threshold, time gap, bounded pool."""
+
+import numpy as np
+
+from cafi_stream.select import ScoredFace, Selector, SerfiqRule
+
+
+def face(t, score, serfiq=0.6, track=1):
+    return ScoredFace(track_id=track, frame_index=int(t * 30), pts_time=t, bbox=np.zeros(4), det_score=0.9,
+                      landmarks=np.zeros((5, 2)), serfiq=serfiq, embedding=np.zeros(4), iqa=score, score=score)
+
+
+def feed(sel, faces):
+    for f in faces:
+        if sel.passes(f.track_id, f.serfiq):
+            sel.offer(f)
+
+
+def test_topk_best_first_and_min_gap():
+    sel = Selector(topk=3, min_gap=0.5, rule=SerfiqRule(quantile=0))
+    rng = np.random.default_rng(0)
+    faces = [face(i / 30, float(s)) for i, s in enumerate(rng.random(600))]
+    feed(sel, faces)
+    kept = sel.close(1)
+    assert [k.rank for k in kept] == [1, 2, 3]
+    scores = [k.face.score for k in kept]
+    assert scores == sorted(scores, reverse=True)
+    times = sorted(k.face.pts_time for k in kept)
+    assert all(b - a >= 0.5 for a, b in zip(times, times[1:]))
+    assert kept[0].face.score == max(f.score for f in faces)
+    assert sel.close(1) == []
+
+
+def test_pool_memory_is_bounded():
+    sel = Selector(topk=5, min_gap=0.0, rule=SerfiqRule(quantile=0), pool_factor=3)
+    feed(sel, [face(i / 30, float(i % 97)) for i in range(30_000)])
+    assert len(sel.pools[1].faces) <= 15
+
+
+def test_relative_rule_drops_the_track_s_low_serfiq_faces():
+    sel = Selector(topk=5, min_gap=0.0, rule=SerfiqRule(quantile=0.5))
+    # IQA prefers the faces that SER-FIQ says are unrecognisable: the filter must still drop them.
+    faces = [face(i, score=10.0 if i % 2 else 1.0, serfiq=0.45 if i % 2 else 0.56) for i in range(40)]
+    feed(sel, faces)
+    kept = sel.close(1)
+    assert len(kept) == 5 and all(k.face.serfiq == 0.56 for k in kept)
+
+
+def test_absolute_rule_and_tracks_are_independent():
+    sel = Selector(topk=2, min_gap=0.0, rule=SerfiqRule(quantile=0, min_score=0.5))
+    feed(sel, [face(1, 5.0, serfiq=0.4, track=1), face(2, 1.0, serfiq=0.6, track=1),
+               face(1, 3.0, serfiq=0.7, track=2)])
+    assert [k.face.score for k in sel.close(1)] == [1.0]
+    assert [k.face.score for k in sel.close(2)] == [3.0]

@@ -1,0 +1,132 @@
+"""SER-FIQ on the shared MobileFaceNet and the real face photos."""
+
+import itertools
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from scipy.stats import spearmanr
+
+from conftest import FR_MODEL
+from cafi_stream.models import FR_MODELS, ModelSpec
+from cafi_stream.serfiq import SerFiq, dropout_masks, find_embedding_head
+
+
+@pytest.fixture(scope="module")
+def serfiq():
+    return SerFiq(FR_MODEL, FR_MODELS["mobilefacenet_paddlex_128d"])
+
+
+def full_model_embeddings(model_path, x):
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x})[0].reshape(len(x), -1)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_finds_the_1x1_conv_head_and_reproduces_the_embedding(serfiq, aligned_photos):
+    head = find_embedding_head(onnx.load(str(FR_MODEL)))
+    assert head.weight.shape == (512, 128)
+    assert head.cut == "batch_norm_48.tmp_2"
+    faces = np.stack(list(aligned_photos.values()))
+    ref = full_model_embeddings(FR_MODEL, serfiq.preprocess(faces))
+    assert np.abs(serfiq(faces).embeddings - ref).max() < 1e-4
+
+
+def test_gemm_batchnorm_head_is_folded(tmp_path):
+    """ArcFace-style tail (Flatten -> Gemm -> BatchNorm1d), built with torch and exported to ONNX."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.PReLU(8), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 28 * 28, 16), torch.nn.BatchNorm1d(16)).eval()
+    with torch.no_grad():
+        net[4].running_mean.uniform_(-1, 1)
+        net[4].running_var.uniform_(0.5, 2)
+        net[4].weight.uniform_(0.5, 2)
+    path = tmp_path / "arcface_like.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    head = find_embedding_head(onnx.load(str(path)))
+    assert head.weight.shape == (8 * 28 * 28, 16)
+    model = SerFiq(path, ModelSpec(name="toy", file_name=path.name))
+    faces = np.random.default_rng(1).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    ref = full_model_embeddings(path, model.preprocess(faces))
+    assert np.abs(model(faces).embeddings - ref).max() < 1e-4
+
+
+def test_scores_are_repeatable_and_masks_seeded(serfiq, aligned_photos):
+    faces = np.stack(list(aligned_photos.values()))
+    assert np.array_equal(serfiq(faces).scores, serfiq(faces).scores)
+    assert np.array_equal(serfiq(faces[:3]).scores, serfiq(faces).scores[:3])
+    m = dropout_masks(100, 512, 0.5, seed=0)
+    assert np.array_equal(m, dropout_masks(100, 512, 0.5, seed=0))
+    assert set(np.unique(m)) == {0.0, 2.0} and abs((m > 0).mean() - 0.5) < 0.01
+
+
+def test_same_person_pairs_are_more_similar(serfiq, aligned_photos):
+    # One portrait at several resolutions counts as one photo: keep photos of distinct sources only.
+    names = [n for n in aligned_photos if not any(t in n for t in ("obama-", "obama_small", "train_obama_obama"))]
+    emb = dict(zip(names, serfiq(np.stack([aligned_photos[n] for n in names])).embeddings))
+    same, diff = [], []
+    for a, b in itertools.combinations(names, 2):
+        sim = float(emb[a] @ emb[b])
+        (same if a.split("__")[0] == b.split("__")[0] else diff).append(sim)
+    assert len(same) >= 8 and len(diff) >= 50
+    auc = np.mean([s > d for s in same for d in diff])
+    print(f"\nsame-person cosine {np.mean(same):.3f} (n={len(same)}), different {np.mean(diff):.3f} "
+          f"(n={len(diff)}), AUC {auc:.3f}")
+    assert np.mean(same) > np.mean(diff) + 0.2
+    assert auc >= 0.95
+
+
+def _motion_blur(img, length):
+    k = np.zeros((length, length), np.float32)
+    k[length // 2] = 1.0 / length
+    return cv2.filter2D(img, -1, k)
+
+
+def _jpeg(img, q):
+    return cv2.imdecode(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])[1], cv2.IMREAD_UNCHANGED)
+
+
+def _noise(img, sigma, seed=0):
+    n = np.random.default_rng(seed).normal(0, sigma, img.shape)
+    return np.clip(img.astype(np.float32) + n, 0, 255).astype(np.uint8)
+
+
+def _down(img, f):
+    s = img.shape[0] // f
+    return cv2.resize(cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA), img.shape[:2][::-1],
+                      interpolation=cv2.INTER_LINEAR)
+
+
+DEGRADATIONS = {
+    "gauss": [(s, lambda im, s=s: cv2.GaussianBlur(im, (0, 0), s)) for s in (2, 4, 8)],
+    "noise": [(s, lambda im, s=s: _noise(im, s)) for s in (10, 25, 50)],
+    "downscale": [(f, lambda im, f=f: _down(im, f)) for f in (4, 8)],
+    "jpeg": [(q, lambda im, q=q: _jpeg(im, q)) for q in (30, 10)],
+    "motion": [(n, lambda im, n=n: _motion_blur(im, n)) for n in (9, 15)],
+}
+ASSERTED = {("gauss", 4), ("gauss", 8), ("noise", 25), ("noise", 50), ("downscale", 8)}
+
+
+def test_serfiq_ranks_clean_above_degraded(serfiq, aligned_photos):
+    faces = np.stack(list(aligned_photos.values()))
+    clean = serfiq(faces).scores
+    report, failures = [], []
+    for kind, levels in DEGRADATIONS.items():
+        sev, delta = [], []
+        for rank, (level, fn) in enumerate(levels, 1):
+            scores = serfiq(np.stack([fn(f) for f in faces])).scores
+            rate = float(np.mean(clean > scores))
+            report.append(f"{kind:9s} {level:>3}: clean > degraded {rate:.2f}")
+            sev += [0] * len(faces) + [rank] * len(faces)
+            delta += list(clean) + list(scores)
+            if (kind, level) in ASSERTED and rate < 0.9:
+                failures.append((kind, level, rate))
+        rho = spearmanr(sev, delta).statistic
+        report.append(f"{kind:9s} Spearman(severity, score) {rho:+.2f}")
+    print("\nSER-FIQ on {} aligned photos:\n".format(len(faces)) + "\n".join(report))
+    assert not failures, failures

@@ -1,0 +1,39 @@
+"""Tracker: short occlusions keep the id, long gaps and shot cuts end the track."""
+
+import av
+import numpy as np
+
+from conftest import VIDEO
+from cafi_stream.config import load_config
+from cafi_stream.detect import Detections
+from cafi_stream.track import FaceTracker, ShotCutDetector
+
+
+def box_at(x):
+    return Detections(np.array([[x, 100, x + 120, 220]], np.float32), np.array([0.9], np.float32),
+                      np.zeros((1, 6, 2), np.float32))
+
+
+def test_short_occlusion_keeps_id_long_gap_ends_track():
+    cfg = load_config().track   # max_gap 1 s
+    tracker = FaceTracker(cfg, fps=30)
+    frame = np.full((360, 640, 3), 128, np.uint8)
+    ids, ended = [], []
+    for i in range(200):
+        hidden = 40 <= i < 55 or 100 <= i < 160   # 0.5 s, then 2 s without a detection
+        upd = tracker.update(frame, Detections() if hidden else box_at(100 + i))
+        ended += upd.ended
+        if not hidden:
+            ids.append(int(upd.track_ids[0]))
+    assert len(set(ids[:85])) == 1            # through the short occlusion
+    assert ids[-1] != ids[0]                  # a new track after the long gap
+    assert ended == [ids[0]]                  # the first track was reported ended, once
+    assert tracker.finish() == [ids[-1]]
+
+
+def test_shot_cuts_in_the_real_clip():
+    det = ShotCutDetector(load_config().track.shot_cut)
+    with av.open(str(VIDEO)) as c:
+        cuts = [i for i, f in enumerate(c.decode(video=0)) if det(f.to_ndarray(format="rgb24"))]
+    # The clip has a few hard cuts (stage, close-up, audience), not one per frame.
+    assert 1 <= len(cuts) <= 8, cuts

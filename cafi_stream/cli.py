@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-gap", type=float, help="least seconds between kept faces of one track (default 0.5)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where torch and ONNX Runtime run")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "ort", "torch"],
+                   help="inference backend for the scoring networks (default auto: the fastest available)")
+    p.add_argument("--exhaustive", action="store_true", default=None,
+                   help="score every eligible face with the IQA model (slow; the cascade's reference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no result line")
     p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     return p
@@ -53,7 +57,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         "fr": pick(model=args.fr_model),
         "iqa": pick(name=args.iqa),
         "decode": pick(max_frames=args.max_frames),
-        "runtime": pick(device=args.device, models_dir=args.models_dir),
+        "runtime": pick(device=args.device, models_dir=args.models_dir, backend=args.backend),
+        "cascade": pick(exhaustive=args.exhaustive),
     }
 
 

@@ -31,6 +31,7 @@ class DecodeConfig:
 class DetectConfig:
     min_confidence: float
     box_scale: float
+    rate: float
 
 
 @dataclass
@@ -74,10 +75,26 @@ class IqaConfig:
 
 
 @dataclass
+class CascadeConfig:
+    exhaustive: bool
+    min_det_score: float
+    max_yaw: float
+    min_sharpness: float
+    sample_interval: float
+    iqa_window: float
+    iqa_budget: float
+    iqa_burst: float
+    max_age: float
+
+
+@dataclass
 class RuntimeConfig:
     device: str
+    backend: str
     models_dir: str
     pool_factor: int
+    max_batch: int
+    max_wait_ms: float
 
 
 @dataclass
@@ -90,6 +107,7 @@ class Config:
     fr: FrConfig
     serfiq: SerfiqConfig
     iqa: IqaConfig
+    cascade: CascadeConfig
     runtime: RuntimeConfig
     sources: list[str] = field(default_factory=list)  # files this config was read from
 
@@ -131,6 +149,8 @@ def _coerce(cls: type, values: dict, section: str) -> Any:
             v = int(v)
         elif f.type == "float" and not isinstance(v, bool) and isinstance(v, (int, float)):
             v = float(v)
+        elif f.type == "bool" and isinstance(v, bool):
+            pass
         elif f.type == "str" and isinstance(v, str):
             pass
         elif f.type == "str | float" and isinstance(v, (str, int, float)) and not isinstance(v, bool):
@@ -152,7 +172,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         data = _merge(data, {k: v for k, v in overrides.items() if v}, "command line")
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sources"}
     types = {c.__name__: c for c in (OutputConfig, DecodeConfig, DetectConfig, TrackConfig, FacesConfig,
-                                     FrConfig, SerfiqConfig, IqaConfig, RuntimeConfig)}
+                                     FrConfig, SerfiqConfig, IqaConfig, CascadeConfig, RuntimeConfig)}
     cfg = Config(**{name: _coerce(types[t], data[name], name) for name, t in sections.items()}, sources=sources)
     _validate(cfg)
     return cfg
@@ -170,6 +190,10 @@ def _validate(cfg: Config) -> None:
         (cfg.fr.channel_order in ("", "RGB", "BGR"), "fr channel_order must be RGB or BGR"),
         (cfg.decode.queue_size >= 1, "decode queue_size must be at least 1"),
         (cfg.runtime.pool_factor >= 1, "runtime pool_factor must be at least 1"),
+        (cfg.runtime.backend in ("auto", "tensorrt", "ort", "torch"), "backend must be auto, tensorrt, ort or torch"),
+        (cfg.runtime.max_batch >= 1, "runtime max_batch must be at least 1"),
+        (cfg.detect.rate >= 0, "detect rate must not be negative"),
+        (cfg.cascade.iqa_budget > 0, "cascade iqa_budget must be positive"),
     ]
     if isinstance(cfg.serfiq.min_score, str) and cfg.serfiq.min_score != "auto":
         checks.append((False, "serfiq min_score must be a number or \"auto\""))

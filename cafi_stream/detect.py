@@ -26,6 +26,11 @@ class Detections:
         return self.xyxy[:, 2] - self.xyxy[:, 0]
 
 
+def detection_stride(fps: float, rate: float) -> int:
+    """Detect on every n-th frame so that detections come at about `rate` per second (0: every frame)."""
+    return 1 if rate <= 0 or fps <= rate else max(1, round(fps / rate))
+
+
 class FaceDetector:
     def __init__(self, cfg: DetectConfig):
         self.box_scale = cfg.box_scale

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import Engine, ModelSource, create_engine, run_batched
+from .backend_torch import TorchEngine
 from .errors import InputError, ModelError
-from .models import DBCNN_CHECKPOINTS, pyiqa_cache_dir, resolve
+from .export import torch_source
+from .models import DBCNN_CHECKPOINTS, pyiqa_cache_dir, resolve, sha256_of
+
 
 log = logging.getLogger(__name__)
 
@@ -22,21 +26,15 @@ class IqaModel:
 
     name: str
     lower_better: bool
-    net: object            # a torch module taking RGB float NCHW in [0, 1]
-    device: str
+    engine: Engine         # takes RGB float NCHW in [0, 1]
     batch: int = 8
     weights: Path | None = None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(images), self.batch):
-                x = torch.from_numpy(np.ascontiguousarray(images[i:i + self.batch])).to(self.device)
-                x = x.permute(0, 3, 1, 2).float().div_(255.0)
-                out.append(self.net(x).reshape(-1).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        if len(images) == 0:
+            return np.zeros(0, np.float32)
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32) / 255.0
+        return run_batched(self.engine, x, self.batch).reshape(len(images), -1)[:, 0]
 
     def oriented(self, value: float) -> float:
         """The score with higher meaning better, whatever the metric's direction."""
@@ -93,19 +91,31 @@ def resolve_device(device: str) -> str:
 
 
 def create_iqa(name: str, device: str, models_dir: Path, dbcnn_dataset: str = "koniq", batch: int = 8,
-               weights: Path | None = None) -> IqaModel | None:
-    """`name` is "none", "dbcnn" or a pyiqa no-reference metric. `weights` overrides DBCNN's checkpoint file."""
+               backend: str = "auto", random_weights: bool = False, size: int = 384) -> IqaModel | None:
+    """`name` is "none", "dbcnn" or a pyiqa no-reference metric. `random_weights` builds DBCNN with random
+    weights (seed 0), for measuring its cost where the real checkpoint is not available; never for quality."""
     if name == "none":
         return None
     if name == "dbcnn":
-        if weights is None:
+        if random_weights:
+            import torch
+
+            torch.manual_seed(0)
+            net, weights, key = build_dbcnn(), None, "random0"
+        else:
             if dbcnn_dataset not in DBCNN_CHECKPOINTS:
                 raise InputError(f"unknown DBCNN checkpoint '{dbcnn_dataset}' ({', '.join(DBCNN_CHECKPOINTS)})")
             weights = resolve(DBCNN_CHECKPOINTS[dbcnn_dataset], models_dir, search=(pyiqa_cache_dir(),))
-        net = build_dbcnn()
-        load_dbcnn_checkpoint(net, weights)
-        return IqaModel("dbcnn", lower_better=False, net=net.to(device), device=device, batch=batch,
-                        weights=weights)
+            net = build_dbcnn()
+            load_dbcnn_checkpoint(net, weights)
+            key = sha256_of(weights)
+        if size % 16:   # DBCNN's traced shape branch needs both branches' feature maps to agree
+            raise InputError(f"DBCNN needs an IQA crop size that is a multiple of 16, not {size}")
+        source = torch_source("dbcnn", net, key, (3, size, size))
+        model = IqaModel("dbcnn", lower_better=False, engine=create_engine(source, backend, device, batch),
+                         batch=batch, weights=weights)
+        model(np.zeros((1, size, size, 3), np.uint8))   # first-run costs at start-up
+        return model
     import pyiqa
 
     if name not in pyiqa.list_models(metric_mode="NR"):
@@ -116,4 +126,8 @@ def create_iqa(name: str, device: str, models_dir: Path, dbcnn_dataset: str = "k
     except Exception as e:   # pyiqa raises whatever its download or constructor raises
         raise ModelError(f"--iqa {name}: cannot build the metric ({str(e).splitlines()[0] if str(e) else e!r}); "
                          f"offline, only piqe and entropy build without a download") from None
-    return IqaModel(name, lower_better=bool(metric.lower_better), net=metric, device=device, batch=batch)
+    # pyiqa metrics run as they are, in torch (many are not exportable to ONNX).
+    source = ModelSource(name=name, onnx_path=None, sha256="", input_shape=(3, size, size),
+                         torch_module=lambda: metric)
+    return IqaModel(name, lower_better=bool(metric.lower_better), engine=TorchEngine(source, device, fp16=False),
+                    batch=batch)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import re
 import time
 from collections import defaultdict
@@ -19,16 +21,18 @@ import numpy as np
 
 from . import __version__
 from .align import crop_face
+from .batching import MicroBatcher
+from .cascade import IqaScheduler, sharpness, yaw_ratio
 from .config import Config
 from .decode import Decoder, VideoFrame
-from .detect import FaceDetector
+from .detect import FaceDetector, detection_stride
 from .iqa import IqaModel, create_iqa, resolve_device
 from .landmarks import FaceMesher
 from .models import default_models_dir, resolve_fr_model, sha256_of
 from .select import Selector, ScoredFace, SerfiqRule
 from .serfiq import SerFiq
 from .track import FaceTracker
-from .writer import OutputWriter, encode_images
+from .writer import OutputWriter
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +64,16 @@ class Models:
     files: dict[str, dict]   # role -> {name, path, sha256}
 
     @classmethod
-    def load(cls, cfg: Config) -> "Models":
+    def load(cls, cfg: Config, random_dbcnn: bool = False) -> "Models":
         device = resolve_device(cfg.runtime.device)
         models_dir = default_models_dir(cfg.runtime.models_dir)
         fr_path, fr_spec = resolve_fr_model(cfg.fr.model, models_dir)
-        iqa = create_iqa(cfg.iqa.name, device, models_dir, cfg.iqa.dbcnn_dataset, cfg.iqa.batch)
+        iqa = create_iqa(cfg.iqa.name, device, models_dir, cfg.iqa.dbcnn_dataset, cfg.iqa.batch,
+                         backend=cfg.runtime.backend, random_weights=random_dbcnn, size=cfg.faces.iqa_size)
         serfiq = SerFiq(fr_path, fr_spec, passes=cfg.serfiq.passes, dropout=cfg.serfiq.dropout,
-                        seed=cfg.serfiq.seed, device=device, batch=cfg.serfiq.batch,
-                        channel_order=cfg.fr.channel_order, mean=cfg.fr.mean, std=cfg.fr.std)
+                        seed=cfg.serfiq.seed, device=device, batch=cfg.runtime.max_batch,
+                        channel_order=cfg.fr.channel_order, mean=cfg.fr.mean, std=cfg.fr.std,
+                        backend=cfg.runtime.backend)
         import mediapipe
 
         mp_dir = Path(mediapipe.__file__).parent / "modules"
@@ -80,6 +86,13 @@ class Models:
         return cls(detector=FaceDetector(cfg.detect), mesher=FaceMesher(), serfiq=serfiq, iqa=iqa, device=device,
                    files={role: {"name": name, "path": str(path), "sha256": sha256_of(Path(path))}
                           for role, (name, path) in files.items() if Path(path).is_file()})
+
+    @property
+    def engines(self) -> dict[str, str]:
+        out = {"fr_backbone": f"{self.serfiq.engine.backend}/{self.serfiq.engine.device}"}
+        if self.iqa is not None:
+            out["iqa"] = f"{self.iqa.engine.backend}/{self.iqa.engine.device}"
+        return out
 
     def close(self) -> None:
         self.detector.close()
@@ -98,7 +111,12 @@ def default_out_dir(source: str) -> Path:
 
 
 class _Run:
-    """The state of one run over one source; `handle` is called once per decoded frame."""
+    """The state of one run over one source; `handle` is called once per decoded frame.
+
+    Per frame: detect (every `stride` frames) -> track -> cheap gates -> landmarks/crops -> SER-FIQ micro-batch
+    -> SER-FIQ rule -> IQA scheduler -> IQA micro-batch -> top-k pools. A track that ends first drains what is
+    pending for it, then is written.
+    """
 
     def __init__(self, cfg: Config, models: Models, decoder: Decoder, writer: OutputWriter):
         self.cfg = cfg
@@ -106,74 +124,128 @@ class _Run:
         self.decoder = decoder
         self.writer = writer
         self.timer = Stopwatch()
-        self.tracker = FaceTracker(cfg.track, decoder.info.fps)
+        self.stride = 1 if cfg.cascade.exhaustive else detection_stride(decoder.info.fps, cfg.detect.rate)
+        self.tracker = FaceTracker(cfg.track, decoder.info.fps, period=self.stride)
         min_score = cfg.serfiq.min_score
         if min_score == "auto":
             min_score = models.serfiq.spec.serfiq_min
         self.selector = Selector(cfg.output.topk, cfg.output.min_gap,
                                  SerfiqRule(cfg.serfiq.track_quantile, min_score), cfg.runtime.pool_factor)
+        c = cfg.cascade
+        self.exhaustive = c.exhaustive
+        self.scheduler = IqaScheduler(c.iqa_budget, c.iqa_burst, window=max(c.iqa_window, cfg.output.min_gap),
+                                      max_age=c.max_age,
+                                      exhaustive=c.exhaustive,
+                                      could_enter=lambda f: self.selector.could_enter(f.track_id, f.sharpness))
+        rt = cfg.runtime
+        self.serfiq_batch = MicroBatcher(self._run_serfiq, rt.max_batch, rt.max_wait_ms)
+        self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms)
+        self.last_sampled: dict[int, float] = {}
         self.counts: dict[str, int] = defaultdict(int)
         self.track_ids: set[int] = set()
+        self.now = 0.0
+
+    # -- engines, called by the micro-batchers
+    def _run_serfiq(self, faces: list[ScoredFace]) -> list[tuple[float, np.ndarray]]:
+        with self.timer("serfiq"):
+            r = self.models.serfiq(np.stack([f.crops.aligned for f in faces]))
+        return list(zip(r.scores.tolist(), r.embeddings))
+
+    def _run_iqa(self, faces: list[ScoredFace]) -> list[float]:
+        with self.timer("iqa"):
+            return self.models.iqa(np.stack([f.crops.masked for f in faces])).tolist()
+
+    # -- flow
+    def _pump(self, flush: bool = False, ending: int | None = None) -> None:
+        for face, (score, emb) in (self.serfiq_batch.flush() if flush else self.serfiq_batch.poll()):
+            face.serfiq, face.embedding, face.score = score, emb, score
+            with self.timer("select"):
+                if not self.selector.passes(face.track_id, score):
+                    continue
+                if self.models.iqa is None:
+                    self.selector.offer(face)
+                    continue
+                if not self.exhaustive:
+                    self.selector.offer_fallback(face)
+            self.scheduler.submit(face.track_id, face.pts_time, face.sharpness, face)
+        if self.models.iqa is None:
+            return
+        for face in self.scheduler.due(self.now, track_id=ending):
+            self.iqa_batch.add(face)
+        for face, value in (self.iqa_batch.flush() if flush else self.iqa_batch.poll()):
+            face = dataclasses.replace(face, iqa=value, score=self.models.iqa.oriented(value))
+            with self.timer("select"):
+                self.selector.offer(face)
 
     def _end_tracks(self, track_ids) -> None:
         for tid in track_ids:
+            self._pump(flush=True, ending=tid)
             with self.timer("select"):
                 kept = self.selector.close(tid)
+            self.last_sampled.pop(tid, None)
             if self.tracker.is_real(tid):
                 with self.timer("write"):
                     self.writer.write_track(tid, kept)
 
+    def _gate(self, tid: int, side: float, det_score: float, pts: float) -> str | None:
+        """Why a tracked face is not scored, or None."""
+        if side < self.cfg.faces.min_face:
+            return "too_small"
+        if det_score < self.cfg.cascade.min_det_score:
+            return "low_det_score"
+        interval = 0.0 if self.exhaustive else self.cfg.cascade.sample_interval
+        if pts - self.last_sampled.get(tid, -math.inf) < interval:
+            return "sampled_out"
+        return None
+
     def handle(self, frame: VideoFrame) -> None:
         cfg, m, timer = self.cfg, self.models, self.timer
         self.counts["frames"] += 1
+        self.now = frame.pts_time
+        with timer("track"):
+            cut = self.tracker.check_cut(frame.image)
+        if cut:
+            self._end_tracks(self.tracker.finish())
+        if frame.index % self.stride:
+            self._pump()
+            return
         with timer("detect"):
             dets = m.detector(frame.image)
         self.counts["faces_detected"] += len(dets)
         with timer("track"):
-            update = self.tracker.update(frame.image, dets)
+            update = self.tracker.update(dets)
         self._end_tracks(update.ended)
         self.track_ids.update(int(t) for t in update.track_ids if t >= 0)
-        big = (update.track_ids >= 0) & (dets.side >= cfg.faces.min_face)
-        self.counts["faces_too_small"] += int(np.sum(dets.side < cfg.faces.min_face))
-        faces = []
-        for i in np.flatnonzero(big):
+        for i in range(len(dets)):
+            tid = int(update.track_ids[i])
+            if tid < 0:
+                continue
+            why = self._gate(tid, float(dets.side[i]), float(dets.confidence[i]), frame.pts_time)
+            if why:
+                self.counts[f"gate_{why}"] += 1
+                continue
+            self.last_sampled[tid] = frame.pts_time
             with timer("landmarks"):
                 lm = m.mesher(frame.image, dets.xyxy[i])
             if lm is None:
-                self.counts["landmark_failures"] += 1
+                self.counts["gate_no_landmarks"] += 1
+                continue
+            yaw = yaw_ratio(lm.five)
+            if abs(yaw) > cfg.cascade.max_yaw:
+                self.counts["gate_yaw"] += 1
                 continue
             with timer("align"):
                 crops = crop_face(frame.image, dets.xyxy[i], lm, cfg.faces.aligned_size, cfg.faces.iqa_size,
                                   cfg.output.context_scale)
-            faces.append((i, lm, crops))
-        if not faces:
-            return
-        with timer("serfiq"):
-            sf = m.serfiq(np.stack([c.aligned for _, _, c in faces]))
-        self.counts["faces_serfiq"] += len(faces)
-        with timer("select"):
-            passing = [j for j, (i, _, _) in enumerate(faces)
-                       if self.selector.passes(int(update.track_ids[i]), float(sf.scores[j]))]
-        iqa_values = {}
-        if m.iqa is not None and passing:
-            with timer("iqa"):
-                values = m.iqa(np.stack([faces[j][2].masked for j in passing]))
-            iqa_values = dict(zip(passing, values.tolist()))
-            self.counts["faces_iqa"] += len(passing)
-        for j in passing:
-            i, lm, crops = faces[j]
-            iqa = iqa_values.get(j)
-            face = ScoredFace(
-                track_id=int(update.track_ids[i]), frame_index=frame.index, pts_time=frame.pts_time,
-                bbox=dets.xyxy[i], det_score=float(dets.confidence[i]), landmarks=lm.five,
-                serfiq=float(sf.scores[j]), embedding=sf.embeddings[j], iqa=iqa,
-                score=m.iqa.oriented(iqa) if iqa is not None else float(sf.scores[j]))
-            with timer("select"):
-                accepted = self.selector.offer(face)
-            if accepted:   # encode only what the pool keeps
-                with timer("write"):
-                    face.images = encode_images(crops.context, crops.aligned, crops.masked,
-                                                cfg.output.jpeg_quality)
+                sharp = sharpness(crops.aligned)
+            if sharp < cfg.cascade.min_sharpness:
+                self.counts["gate_blur"] += 1
+                continue
+            self.serfiq_batch.add(ScoredFace(
+                track_id=tid, frame_index=frame.index, pts_time=frame.pts_time, bbox=dets.xyxy[i],
+                det_score=float(dets.confidence[i]), landmarks=lm.five, serfiq=math.nan, embedding=None,
+                iqa=None, score=math.nan, sharpness=sharp, yaw=yaw, crops=crops))
+        self._pump()
 
     def finish(self) -> None:
         self._end_tracks(self.tracker.finish())
@@ -185,6 +257,10 @@ class _Run:
         seconds.update({k: round(v, 3) for k, v in self.timer.seconds.items()})
         seconds["processing"] = round(wall, 3)
         frames = self.counts["frames"]
+        faces = {k: v for k, v in sorted(self.counts.items()) if k != "frames"}
+        faces["serfiq_calls"] = self.serfiq_batch.calls
+        faces["iqa_calls"] = self.iqa_batch.calls
+        faces["iqa_skipped"] = self.scheduler.skipped
         return {
             "version": __version__,
             "source": info.source,
@@ -194,14 +270,15 @@ class _Run:
             "tracks": len(self.track_ids),
             "tracks_written": self.writer.tracks,
             "faces_kept": self.writer.rows,
-            "faces": {k: self.counts[k] for k in ("faces_detected", "faces_too_small", "landmark_failures",
-                                                   "faces_serfiq", "faces_iqa")},
+            "faces": faces,
             "shot_cuts": self.tracker.shot_cuts,
+            "detection_stride": self.stride,
             "seconds": seconds,
             "fps": round(frames / wall, 2) if wall > 0 else None,
             "truncated": self.decoder.stats.truncated,
             "interrupted": interrupted,
             "device": self.models.device,
+            "engines": self.models.engines,
             "iqa": self.models.iqa.name if self.models.iqa else None,
             "models": self.models.files,
             "config": self.cfg.to_dict(),
@@ -218,7 +295,7 @@ async def _consume(decoder: Decoder, handle, on_frame) -> None:
 
 
 def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Models | None = None,
-        progress: bool = False) -> RunResult:
+        progress: bool = False, random_dbcnn: bool = False) -> RunResult:
     """Process `source` and write its best faces into `out_dir` (default `cafi_out/<source stem>/`).
 
     Bad input raises InputError before any model loads. On KeyboardInterrupt every open track is still written,
@@ -228,12 +305,12 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
     decoder = Decoder(source, cfg.decode.queue_size, cfg.decode.threads, cfg.decode.max_frames)
     own_models = models is None
     if own_models:
-        models = Models.load(cfg)
+        models = Models.load(cfg, random_dbcnn=random_dbcnn)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(source)
+    writer = OutputWriter(out, source, models.iqa.name if models.iqa else None, cfg.output.jpeg_quality)
+    state = _Run(cfg, models, decoder, writer)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = Path(out_dir) if out_dir is not None else default_out_dir(source)
-    writer = OutputWriter(out, source, models.iqa.name if models.iqa else None)
-    state = _Run(cfg, models, decoder, writer)
     total = cfg.decode.max_frames or decoder.info.frames
     if cfg.decode.max_frames and decoder.info.frames:
         total = min(total, decoder.info.frames)

@@ -7,7 +7,7 @@ Each track holds a SER-FIQ histogram (fixed size) and a pool of at most topk * p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,9 +24,11 @@ class ScoredFace:
     landmarks: np.ndarray     # (5, 2) source pixels
     serfiq: float
     embedding: np.ndarray     # (E,) L2-normalised
-    iqa: float | None         # raw metric value (None when IQA is off)
+    iqa: float | None         # raw metric value (None when IQA is off or was not spent on this face)
     score: float              # ranking key, higher is better
-    images: dict[str, bytes] = field(default_factory=dict)   # encoded crops: context, aligned, masked
+    sharpness: float = 0.0    # cheap quality proxy the cascade ranks IQA candidates by
+    yaw: float = 0.0
+    crops: object = None      # align.FaceCrops, encoded only if the face is written
 
 
 @dataclass
@@ -82,12 +84,25 @@ class Selector:
         self.rule = rule
         self.capacity = topk * pool_factor
         self.pools: dict[int, TrackPool] = {}
+        # Ranked by SER-FIQ: a track's answer when its IQA budget never reached it.
+        self.fallback: dict[int, TrackPool] = {}
 
     def _pool(self, track_id: int) -> TrackPool:
         pool = self.pools.get(track_id)
         if pool is None:
             pool = self.pools[track_id] = TrackPool(self.capacity, self.min_gap)
         return pool
+
+    def offer_fallback(self, face: ScoredFace) -> bool:
+        pool = self.fallback.get(face.track_id)
+        if pool is None:
+            pool = self.fallback[face.track_id] = TrackPool(self.topk, self.min_gap)
+        return pool.offer(face)
+
+    def could_enter(self, track_id: int, proxy: float) -> bool:
+        """False when the track already holds top-k faces that all beat `proxy` on the cheap proxy."""
+        faces = sorted(self._pool(track_id).faces, key=lambda f: -f.score)[:self.topk]
+        return len(faces) < self.topk or proxy > min(f.sharpness for f in faces)
 
     def passes(self, track_id: int, serfiq: float) -> bool:
         """Record a face's SER-FIQ score; True when it passes the track's threshold (and is worth an IQA call)."""
@@ -101,13 +116,15 @@ class Selector:
     def close(self, track_id: int) -> list[KeptFace]:
         """End a track: apply the final SER-FIQ threshold and return its top-k, `min_gap` apart, best first."""
         pool = self.pools.pop(track_id, None)
+        fallback = self.fallback.pop(track_id, None)
         if pool is None:
             return []
         threshold = self.rule.threshold(pool.hist)
+        faces = [f for f in pool.faces if f.serfiq >= threshold]
+        if not faces and fallback is not None:
+            faces = [f for f in fallback.faces if f.serfiq >= threshold]
         kept: list[ScoredFace] = []
-        for face in sorted(pool.faces, key=lambda f: -f.score):
-            if face.serfiq < threshold:
-                continue
+        for face in sorted(faces, key=lambda f: -f.score):
             if all(abs(face.pts_time - k.pts_time) >= self.min_gap for k in kept):
                 kept.append(face)
             if len(kept) == self.topk:

@@ -16,7 +16,8 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError
-from .models import ModelSpec
+from .backend import run_batched
+from .models import ModelSpec, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -132,25 +133,6 @@ def _linear(node, consts, producer):
     return None
 
 
-def cut_backbone(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
-    """The sub-graph that computes `tensor`, with `tensor` as its only output."""
-    producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
-    keep, stack = set(), [tensor]
-    while stack:
-        i = producer.get(stack.pop())
-        if i is not None and i not in keep:
-            keep.add(i)
-            stack.extend(model.graph.node[i].input)
-    nodes = [n for i, n in enumerate(model.graph.node) if i in keep]
-    used = {name for n in nodes for name in n.input}
-    graph = onnx.helper.make_graph(
-        nodes, model.graph.name,
-        [i for i in model.graph.input if i.name in used],
-        [onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)],
-        initializer=[t for t in model.graph.initializer if t.name in used])
-    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-
-
 def dropout_masks(passes: int, dim: int, p: float, seed: int) -> np.ndarray:
     """(T, D) inverted-dropout masks: 0 with probability p, else 1/(1-p)."""
     rng = np.random.default_rng(seed)
@@ -180,9 +162,12 @@ def serfiq_from_features(features, weight, bias, masks, chunk_bytes: int = 256 <
 
 class SerFiq:
     def __init__(self, model_path: Path, spec: ModelSpec, passes: int = 100, dropout: float = 0.5, seed: int = 0,
-                 device: str = "cpu", batch: int = 32, channel_order: str = "", mean: float = -1, std: float = -1):
-        import onnxruntime as ort
+                 device: str = "cpu", batch: int = 32, channel_order: str = "", mean: float = -1, std: float = -1,
+                 backend: str = "auto"):
         import torch
+
+        from .backend import create_engine
+        from .export import fr_backbone_source
 
         try:
             model = onnx.load(str(model_path))
@@ -192,26 +177,21 @@ class SerFiq:
         log.info("SER-FIQ: embedding layer %s (%d -> %d), backbone cut at %s", self.head.layer,
                  *self.head.weight.shape, self.head.cut)
         inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-        self.input_name = inputs[0].name
         dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-        self.size = (dims[2] or 112, dims[3] or 112) if len(dims) == 4 else (112, 112)
         self.fixed_batch = dims[0] if dims and dims[0] else None
-        backbone = cut_backbone(model, self.head.cut)
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(backbone.SerializeToString(), opts, providers=providers)
+        source = fr_backbone_source(model, sha256_of(Path(model_path)), self.head.cut)
+        self.size = source.input_shape[1:]
+        self.engine = create_engine(source, backend, device, max_batch=self.fixed_batch or batch)
         self.spec = spec
         self.channel_order = channel_order or spec.channel_order
         self.mean = mean if mean >= 0 else spec.mean
         self.std = std if std > 0 else spec.std
-        self.batch = batch
+        self.batch = self.fixed_batch or batch
         self.device = torch.device(device)
         self.weight = torch.from_numpy(self.head.weight).to(self.device)
         self.bias = torch.from_numpy(self.head.bias).to(self.device)
         self.masks = torch.from_numpy(dropout_masks(passes, self.head.weight.shape[0], dropout, seed)).to(self.device)
+        self(np.zeros((1, *self.size, 3), np.uint8))   # first-run costs (allocations, kernels) at start-up
 
     def preprocess(self, faces: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB aligned faces -> the model's NCHW float input."""
@@ -221,10 +201,7 @@ class SerFiq:
 
     def features(self, faces: np.ndarray) -> np.ndarray:
         """Backbone features (N, D) at the embedding layer's input."""
-        x = self.preprocess(faces)
-        step = self.fixed_batch or self.batch
-        out = [self.session.run(None, {self.input_name: x[i:i + step]})[0] for i in range(0, len(x), step)]
-        feats = np.concatenate(out).reshape(len(x), -1)
+        feats = run_batched(self.engine, self.preprocess(faces), self.batch).reshape(len(faces), -1)
         if feats.shape[1] != self.head.weight.shape[0]:
             raise ModelError(f"backbone output has {feats.shape[1]} values per face but the embedding layer takes "
                              f"{self.head.weight.shape[0]}: the layer is not applied to a flat feature vector")

@@ -15,9 +15,8 @@ from .detect import Detections
 
 @dataclass
 class TrackUpdate:
-    track_ids: np.ndarray                            # (N,) track id per detection
-    ended: list[int] = field(default_factory=list)   # tracks that ended before or at this frame
-    shot_cut: bool = False
+    track_ids: np.ndarray                            # (N,) track id per detection, -1 when unmatched
+    ended: list[int] = field(default_factory=list)   # tracks that ended at this update
 
 
 class ShotCutDetector:
@@ -38,16 +37,18 @@ class ShotCutDetector:
 
 
 class FaceTracker:
-    def __init__(self, cfg: TrackConfig, fps: float):
+    def __init__(self, cfg: TrackConfig, fps: float, period: int = 1):
         self.cfg = cfg
-        # norfair counts in frames; our gap is in seconds.
-        self.hit_counter_max = max(1, math.ceil(cfg.max_gap * fps))
+        self.period = period   # frames between two updates (the detection stride)
+        # norfair counts updates; our gap is in seconds.
+        self.hit_counter_max = max(1, math.ceil(cfg.max_gap * fps / period))
         self.cuts = ShotCutDetector(cfg.shot_cut) if cfg.shot_cut > 0 else None
         self._tracker = None
         self._ids: dict[int, int] = {}     # norfair id (per tracker instance) -> our id
         self._next_id = 1
         self.frames_seen: dict[int, int] = {}   # detections per live track
         self.shot_cuts = 0
+        from norfair import Detection   # noqa: F401  (norfair's first import costs ~0.7 s: pay it at start-up)
 
     def _new_tracker(self):
         from norfair import Tracker
@@ -60,21 +61,22 @@ class FaceTracker:
             return set()
         return {self._ids[o.id] for o in self._tracker.tracked_objects if o.id in self._ids}
 
-    def update(self, image: np.ndarray, detections: Detections) -> TrackUpdate:
+    def check_cut(self, image: np.ndarray) -> bool:
+        """Whether `image` starts a new shot; the caller then ends every track with `finish`."""
+        cut = self.cuts is not None and self.cuts(image)
+        self.shot_cuts += cut
+        return cut
+
+    def update(self, detections: Detections) -> TrackUpdate:
         from norfair import Detection
 
-        ended: list[int] = []
-        cut = self.cuts is not None and self.cuts(image)
-        if cut or self._tracker is None:
-            if cut:
-                self.shot_cuts += 1
-            ended = sorted(self._live())
+        if self._tracker is None:
             self._tracker, self._ids = self._new_tracker(), {}
         before = self._live()
         dets = [Detection(points=detections.xyxy[i].reshape(2, 2).astype(np.float64),
                           scores=np.repeat(float(detections.confidence[i]), 2), data=i)
                 for i in range(len(detections))]
-        self._tracker.update(detections=dets)
+        self._tracker.update(detections=dets, period=self.period)
         ids = np.full(len(detections), -1, np.int64)
         for obj in self._tracker.tracked_objects:
             if obj.id is None:
@@ -87,8 +89,7 @@ class FaceTracker:
                 ids[det.data] = self._ids[obj.id]
         for tid in ids[ids >= 0]:
             self.frames_seen[int(tid)] = self.frames_seen.get(int(tid), 0) + 1
-        ended += sorted(before - self._live())
-        return TrackUpdate(track_ids=ids, ended=ended, shot_cut=cut)
+        return TrackUpdate(track_ids=ids, ended=sorted(before - self._live()))
 
     def finish(self) -> list[int]:
         """End every live track (end of input)."""

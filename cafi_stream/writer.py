@@ -55,8 +55,9 @@ def _round(values, digits: int = 2) -> list:
 
 
 class OutputWriter:
-    def __init__(self, out_dir: Path, source: str, iqa_name: str | None):
+    def __init__(self, out_dir: Path, source: str, iqa_name: str | None, jpeg_quality: int = 95):
         self.out_dir = Path(out_dir)
+        self.jpeg_quality = jpeg_quality
         self.source = source
         self.iqa_name = iqa_name
         self.rows = 0
@@ -89,16 +90,18 @@ class OutputWriter:
         lines = []
         for k in kept:
             f = k.face
+            images = encode_images(f.crops.context, f.crops.aligned, f.crops.masked, self.jpeg_quality)
             row = {}
             for kind, (sub, column, ext) in IMAGE_DIRS.items():
                 name = f"{sub}/t{track_id:06d}_f{f.frame_index:07d}{ext}"
-                atomic_write(self.out_dir / name, f.images[kind])
+                atomic_write(self.out_dir / name, images[kind])
                 row[column] = name
             row.update(
                 source=self.source, track_id=track_id, rank=k.rank, frame_index=f.frame_index,
                 pts_time=round(f.pts_time, 4), bbox=_round(f.bbox), det_score=round(f.det_score, 4),
                 landmarks=_round(f.landmarks), serfiq=float(f.serfiq), iqa_model=self.iqa_name,
                 iqa=None if f.iqa is None else float(f.iqa), score=float(f.score),
+                sharpness=round(f.sharpness, 2), yaw=round(f.yaw, 3),
                 embedding=_round(f.embedding, 6))
             lines.append(json.dumps(row) + "\n")
         self._meta.write("".join(lines))

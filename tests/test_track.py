@@ -17,11 +17,10 @@ def box_at(x):
 def test_short_occlusion_keeps_id_long_gap_ends_track():
     cfg = load_config().track   # max_gap 1 s
     tracker = FaceTracker(cfg, fps=30)
-    frame = np.full((360, 640, 3), 128, np.uint8)
     ids, ended = [], []
     for i in range(200):
         hidden = 40 <= i < 55 or 100 <= i < 160   # 0.5 s, then 2 s without a detection
-        upd = tracker.update(frame, Detections() if hidden else box_at(100 + i))
+        upd = tracker.update(Detections() if hidden else box_at(100 + i))
         ended += upd.ended
         if not hidden:
             ids.append(int(upd.track_ids[0]))

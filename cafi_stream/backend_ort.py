@@ -1,0 +1,38 @@
+"""ONNX Runtime backend: TensorRT / CUDA execution providers with onnxruntime-gpu, the CPU provider otherwise."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .backend import ModelSource, engines_dir
+
+
+class OrtEngine:
+    backend = "ort"
+
+    def __init__(self, source: ModelSource, device: str = "cpu", threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = True
+        opts.enable_mem_pattern = True
+        providers: list = ["CPUExecutionProvider"]
+        if device == "cuda":
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider",) if p in available] + providers
+            if "TensorrtExecutionProvider" in available:
+                cache = str(engines_dir() / "ort_trt")
+                providers.insert(0, ("TensorrtExecutionProvider", {
+                    "trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                    "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}))
+        self.session = ort.InferenceSession(str(source.onnx_path), opts, providers=providers)
+        self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]

@@ -1,0 +1,77 @@
+"""ONNX graphs the engines are built from, cached in engines/ by content hash."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+
+from .backend import ModelSource, engines_dir
+from .models import sha256_of
+from .writer import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def cut_backbone(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """The sub-graph that computes `tensor`, with `tensor` as its only output."""
+    producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
+    keep, stack = set(), [tensor]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(model.graph.node[i].input)
+    nodes = [n for i, n in enumerate(model.graph.node) if i in keep]
+    used = {name for n in nodes for name in n.input}
+    graph = onnx.helper.make_graph(
+        nodes, model.graph.name,
+        [i for i in model.graph.input if i.name in used],
+        [onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None)],
+        initializer=[t for t in model.graph.initializer if t.name in used])
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def _input_chw(model: onnx.ModelProto, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    init = {t.name for t in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in init)
+    dims = [d.dim_value or None for d in inp.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return default
+    return tuple(d or fallback for d, fallback in zip(dims[1:], default))
+
+
+def fr_backbone_source(model: onnx.ModelProto, model_sha256: str, cut: str) -> ModelSource:
+    """The recognition network up to its embedding layer's input, as an ONNX file of its own."""
+    path = engines_dir() / f"fr_{model_sha256[:16]}_backbone.onnx"
+    if not path.is_file():
+        atomic_write(path, cut_backbone(model, cut).SerializeToString())
+    return ModelSource(name="fr_backbone", onnx_path=path, sha256=sha256_of(path),
+                       input_shape=_input_chw(model, (3, 112, 112)))
+
+
+def export_onnx(net, path: Path, input_shape: tuple[int, int, int]) -> None:
+    """torch -> ONNX with the legacy exporter (dynamo=False, opset 17, dynamic batch). The dynamo exporter's
+    optimiser drops DBCNN's +1e-8 before sqrt (../shared/FACTS.md); this one matches torch to 1e-8."""
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), torch.zeros(1, *input_shape), buf, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    atomic_write(path, buf.getvalue())
+
+
+def torch_source(name: str, net, weights_key: str, input_shape: tuple[int, int, int]) -> ModelSource:
+    """A native torch network, exported once per weights (`weights_key`) for the ONNX-based backends."""
+    path = engines_dir() / f"{name}_{weights_key[:16]}_{input_shape[1]}x{input_shape[2]}.onnx"
+    if not path.is_file():
+        log.info("exporting %s to %s", name, path)
+        export_onnx(net, path, input_shape)
+    return ModelSource(name=name, onnx_path=path, sha256=sha256_of(path), input_shape=input_shape,
+                       torch_module=lambda: net)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from .errors import CafiError
@@ -62,13 +61,51 @@ def _overrides(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def build_engines_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cafi-stream engines build",
+                description="Export and compile the scoring engines now, instead of lazily on the first run.")
+    p.add_argument("action", choices=["build"])
+    for flag in ("--config", "--models-dir", "--fr-model", "--iqa"):
+        p.add_argument(flag)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", choices=["auto", "tensorrt", "ort", "torch"])
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("%(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     log.propagate = False
+
+
+def engines_main(argv: list[str]) -> int:
+    args = build_engines_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    for name in ("topk", "min_gap", "min_face", "max_frames", "exhaustive"):
+        setattr(args, name, None)
+    try:
+        from .backend import engines_dir
+        from .config import load_config
+        from .pipeline import Models
+
+        models = Models.load(load_config(args.config, _overrides(args)))
+        print(json.dumps({"engines_dir": str(engines_dir()), "engines": models.engines}))
+        models.close()
+    except CafiError as e:
+        log.error("%s", e)
+        return e.exit_code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["engines"]:
+        return engines_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
     try:
         from .config import load_config
         from .pipeline import run

@@ -41,9 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference backend for the scoring networks (default auto: the fastest available)")
     p.add_argument("--exhaustive", action="store_true", default=None,
                    help="score every eligible face with the IQA model (slow; the cascade's reference)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no result line")
+    live = p.add_argument_group("live sources (rtsp://, http(s)://, /dev/video*, --loop)")
+    live.add_argument("--loop", action="store_true", default=None,
+                      help="play a file as a live source at its native rate, looping")
+    live.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (default tcp)")
+    live.add_argument("--open-timeout", type=float, help="seconds a connection may take to open (default 10)")
+    live.add_argument("--read-timeout", type=float, help="seconds without data before reconnecting (default 10)")
+    live.add_argument("--reconnect-max", type=int,
+                      help="failed connection attempts in a row before exiting with code 3 (default: unlimited)")
+    live.add_argument("--track-timeout", type=float, help="seconds unseen before a track is closed and written")
+    live.add_argument("--stats-json", help="keep the status figures in this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, status lines or result line")
     p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     return p
+
+
+def _print_status(h: dict) -> None:
+    state = "" if h["connected"] else " (reconnecting)"
+    sys.stderr.write(f"cafi-stream: status: in {h['input_fps']:.1f} fps, processed {h['processed_fps']:.1f} fps, "
+                     f"dropped {h['dropped']}, queue {h['queue']}, open tracks {h['open_tracks']}, "
+                     f"written {h['tracks_written']}, reconnects {h['reconnects']}{state}\n")
+    sys.stderr.flush()
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -58,6 +76,10 @@ def _overrides(args: argparse.Namespace) -> dict:
         "decode": pick(max_frames=args.max_frames),
         "runtime": pick(device=args.device, models_dir=args.models_dir, backend=args.backend),
         "cascade": pick(exhaustive=args.exhaustive),
+        "live": pick(loop=getattr(args, "loop", None), transport=getattr(args, "rtsp_transport", None),
+                     open_timeout=getattr(args, "open_timeout", None), read_timeout=getattr(args, "read_timeout", None),
+                     reconnect_max=getattr(args, "reconnect_max", None)),
+        "track": pick(max_gap=getattr(args, "track_timeout", None)),
     }
 
 
@@ -112,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, _overrides(args))
         progress = not args.quiet and sys.stderr.isatty()
-        result = run(args.source, cfg, out_dir=args.out, progress=progress)
+        result = run(args.source, cfg, out_dir=args.out, progress=progress, stats_json=args.stats_json,
+                     on_status=None if args.quiet else _print_status)
     except CafiError as e:
         log.error("%s", e)
         return e.exit_code

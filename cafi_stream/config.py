@@ -88,6 +88,20 @@ class CascadeConfig:
 
 
 @dataclass
+class LiveConfig:
+    loop: bool
+    transport: str
+    open_timeout: float
+    read_timeout: float
+    reconnect_max: int
+    backoff_initial: float
+    backoff_max: float
+    queue_size: int
+    status_interval: float
+    snapshot_interval: float
+
+
+@dataclass
 class RuntimeConfig:
     device: str
     backend: str
@@ -108,6 +122,7 @@ class Config:
     serfiq: SerfiqConfig
     iqa: IqaConfig
     cascade: CascadeConfig
+    live: LiveConfig
     runtime: RuntimeConfig
     sources: list[str] = field(default_factory=list)  # files this config was read from
 
@@ -172,7 +187,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         data = _merge(data, {k: v for k, v in overrides.items() if v}, "command line")
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sources"}
     types = {c.__name__: c for c in (OutputConfig, DecodeConfig, DetectConfig, TrackConfig, FacesConfig,
-                                     FrConfig, SerfiqConfig, IqaConfig, CascadeConfig, RuntimeConfig)}
+                                     FrConfig, SerfiqConfig, IqaConfig, CascadeConfig, LiveConfig,
+                                     RuntimeConfig)}
     cfg = Config(**{name: _coerce(types[t], data[name], name) for name, t in sections.items()}, sources=sources)
     _validate(cfg)
     return cfg
@@ -194,6 +210,11 @@ def _validate(cfg: Config) -> None:
         (cfg.runtime.max_batch >= 1, "runtime max_batch must be at least 1"),
         (cfg.detect.rate >= 0, "detect rate must not be negative"),
         (cfg.cascade.iqa_budget > 0, "cascade iqa_budget must be positive"),
+        (cfg.live.transport in ("tcp", "udp"), "rtsp transport must be tcp or udp"),
+        (cfg.live.open_timeout > 0 and cfg.live.read_timeout > 0, "timeouts must be positive"),
+        (cfg.live.reconnect_max >= -1, "reconnect-max must be -1 (unlimited) or more"),
+        (cfg.live.queue_size >= 1, "live queue_size must be at least 1"),
+        (cfg.track.max_gap > 0, "track timeout must be positive"),
     ]
     if isinstance(cfg.serfiq.min_score, str) and cfg.serfiq.min_score != "auto":
         checks.append((False, "serfiq min_score must be a number or \"auto\""))

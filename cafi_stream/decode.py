@@ -103,10 +103,15 @@ def _is_url(source: str) -> bool:
     return "://" in source
 
 
-def open_video(source: str, threads: int = 0) -> tuple[av.container.InputContainer, av.video.stream.VideoStream,
-                                                        VideoInfo]:
+def is_capture_device(source: str) -> bool:
+    return source.startswith("/dev/video")
+
+
+def open_video(source: str, threads: int = 0, options: dict | None = None, timeout: tuple | None = None
+               ) -> tuple[av.container.InputContainer, av.video.stream.VideoStream, VideoInfo]:
     """Open `source` and describe its first video stream. Bad input raises InputError with a one-line reason."""
-    if not _is_url(source):
+    fmt = "v4l2" if is_capture_device(source) else None
+    if not _is_url(source) and not fmt:
         path = Path(source)
         if not path.exists():
             raise InputError(f"{source}: no such file")
@@ -115,9 +120,9 @@ def open_video(source: str, threads: int = 0) -> tuple[av.container.InputContain
         if path.stat().st_size == 0:
             raise InputError(f"{source}: empty file")
     try:
-        container = av.open(source, mode="r")
+        container = av.open(source, mode="r", format=fmt, options=options or {}, timeout=timeout)
     except av.error.FFmpegError as e:
-        if _is_url(source):
+        if _is_url(source) or fmt:
             raise InputError(f"{source}: cannot open ({e.strerror or e})") from None
         raise InputError(_explain_unreadable(Path(source))) from None
     except OSError as e:

@@ -17,3 +17,9 @@ class ModelError(CafiError):
     """A model file is missing, cannot be downloaded, fails its checksum, or has an unsupported shape."""
 
     exit_code = 2
+
+
+class StreamError(CafiError):
+    """A live source stayed unreachable past the reconnect cap."""
+
+    exit_code = 3

@@ -8,9 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+import os
 import re
+import signal
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +31,13 @@ from .config import Config
 from .decode import Decoder, VideoFrame
 from .detect import FaceDetector, detection_stride
 from .iqa import IqaModel, create_iqa, resolve_device
+from .live import LiveDecoder, LiveOptions, is_live
 from .landmarks import FaceMesher
 from .models import default_models_dir, resolve_fr_model, sha256_of
 from .select import Selector, ScoredFace, SerfiqRule
 from .serfiq import SerFiq
 from .track import FaceTracker
-from .writer import OutputWriter
+from .writer import OutputWriter, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,8 @@ class _Run:
         self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms)
         self.last_sampled: dict[int, float] = {}
         self.counts: dict[str, int] = defaultdict(int)
-        self.track_ids: set[int] = set()
+        self.opened: dict[int, float] = {}   # open track -> time of its first scored face
+        self.last_snapshot = 0.0
         self.now = 0.0
 
     # -- engines, called by the micro-batchers
@@ -183,6 +189,7 @@ class _Run:
             with self.timer("select"):
                 kept = self.selector.close(tid)
             self.last_sampled.pop(tid, None)
+            self.opened.pop(tid, None)
             if self.tracker.is_real(tid):
                 with self.timer("write"):
                     self.writer.write_track(tid, kept)
@@ -213,9 +220,8 @@ class _Run:
             dets = m.detector(frame.image)
         self.counts["faces_detected"] += len(dets)
         with timer("track"):
-            update = self.tracker.update(dets)
+            update = self.tracker.update(dets, frame.pts_time)
         self._end_tracks(update.ended)
-        self.track_ids.update(int(t) for t in update.track_ids if t >= 0)
         for i in range(len(dets)):
             tid = int(update.track_ids[i])
             if tid < 0:
@@ -225,6 +231,7 @@ class _Run:
                 self.counts[f"gate_{why}"] += 1
                 continue
             self.last_sampled[tid] = frame.pts_time
+            self.opened.setdefault(tid, frame.pts_time)
             with timer("landmarks"):
                 lm = m.mesher(frame.image, dets.xyxy[i])
             if lm is None:
@@ -246,6 +253,27 @@ class _Run:
                 det_score=float(dets.confidence[i]), landmarks=lm.five, serfiq=math.nan, embedding=None,
                 iqa=None, score=math.nan, sharpness=sharp, yaw=yaw, crops=crops))
         self._pump()
+        self._snapshot(frame.pts_time)
+
+    def _snapshot(self, now: float) -> None:
+        """Tracks that never end (someone standing in view) get their best-so-far written every interval."""
+        interval = self.cfg.live.snapshot_interval
+        if interval <= 0 or now - self.last_snapshot < interval:
+            return
+        self.last_snapshot = now
+        for tid, since in self.opened.items():
+            if now - since >= interval:
+                with self.timer("write"):
+                    self.writer.write_snapshot(tid, self.selector.peek(tid))
+
+    def health(self) -> dict:
+        """Figures for the status line and --stats-json."""
+        stats = self.decoder.stats
+        return {"frames_in": stats.frames, "processed": self.counts["frames"],
+                "dropped": getattr(stats, "dropped", 0), "queue": getattr(self.decoder, "queue_depth", 0),
+                "open_tracks": len(self.selector.open_tracks), "reconnects": getattr(stats, "reconnects", 0),
+                "connected": getattr(stats, "connected", True), "faces_kept": self.writer.rows,
+                "tracks_written": self.writer.tracks}
 
     def finish(self) -> None:
         self._end_tracks(self.tracker.finish())
@@ -267,7 +295,7 @@ class _Run:
             "video": {"width": info.width, "height": info.height, "fps": round(info.fps, 3), "codec": info.codec,
                       "declared_frames": info.frames, "declared_duration": info.duration},
             "frames": frames,
-            "tracks": len(self.track_ids),
+            "tracks": self.tracker.tracks_started,
             "tracks_written": self.writer.tracks,
             "faces_kept": self.writer.rows,
             "faces": faces,
@@ -276,6 +304,7 @@ class _Run:
             "seconds": seconds,
             "fps": round(frames / wall, 2) if wall > 0 else None,
             "truncated": self.decoder.stats.truncated,
+            "live": self.health() if isinstance(self.decoder, LiveDecoder) else None,
             "interrupted": interrupted,
             "device": self.models.device,
             "engines": self.models.engines,
@@ -285,24 +314,94 @@ class _Run:
         }
 
 
-async def _consume(decoder: Decoder, handle, on_frame) -> None:
+class StatusReporter:
+    """Every `interval` seconds: rates since the last report, passed to `emit` and kept in `stats_json`."""
+
+    def __init__(self, state: "_Run", interval: float, emit=None, stats_json: Path | None = None):
+        self.state, self.interval, self.emit, self.stats_json = state, interval, emit, stats_json
+        self._last = (time.monotonic(), 0, 0)
+
+    def report(self) -> dict:
+        now = time.monotonic()
+        h = self.state.health()
+        t, frames_in, processed = self._last
+        dt = max(1e-6, now - t)
+        h["input_fps"] = round((h["frames_in"] - frames_in) / dt, 2)
+        h["processed_fps"] = round((h["processed"] - processed) / dt, 2)
+        self._last = (now, h["frames_in"], h["processed"])
+        if self.stats_json is not None:
+            atomic_write(self.stats_json, (json.dumps(h) + "\n").encode())
+        if self.emit is not None:
+            self.emit(h)
+        return h
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.report()
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: stop intake, score what is queued, write every open track. Second SIGINT: exit now
+    (every file already written is complete: all writes are atomic)."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.stopping = False
+
+    def __call__(self, signum: int) -> None:
+        if self.stopping and signum == signal.SIGINT:
+            os._exit(130)
+        if not self.stopping:
+            log.warning("stopping (%s): finishing queued frames and writing open tracks; Ctrl-C again quits now",
+                        signal.Signals(signum).name)
+        self.stopping = True
+        self.decoder.stop()
+
+
+async def _consume(decoder, handle, on_frame, signals: _Signals, reporter: StatusReporter | None) -> None:
     loop = asyncio.get_running_loop()
-    # One scoring thread: the event loop stays free while mediapipe, ONNX Runtime and torch work.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafi-score") as pool:
-        async for frame in decoder.frames():
-            await loop.run_in_executor(pool, handle, frame)
-            on_frame(frame)
+    installed = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, signals, sig)
+            installed.append(sig)
+    task = asyncio.create_task(reporter.run()) if reporter is not None else None
+    try:
+        # One scoring thread: the event loop stays free while mediapipe, ONNX Runtime and torch work.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafi-score") as pool:
+            async for frame in decoder.frames():
+                await loop.run_in_executor(pool, handle, frame)
+                on_frame(frame)
+    finally:
+        if task is not None:
+            task.cancel()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def open_source(source: str, cfg: Config):
+    """A file decoder, or a live one for stream URLs, capture devices and `live.loop` files."""
+    if is_live(source) or cfg.live.loop:
+        lv = cfg.live
+        opts = LiveOptions(transport=lv.transport, open_timeout=lv.open_timeout, read_timeout=lv.read_timeout,
+                           reconnect_max=lv.reconnect_max, backoff_initial=lv.backoff_initial,
+                           backoff_max=lv.backoff_max, loop=lv.loop)
+        return LiveDecoder(source, lv.queue_size, cfg.decode.threads, opts)
+    return Decoder(source, cfg.decode.queue_size, cfg.decode.threads, cfg.decode.max_frames)
 
 
 def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Models | None = None,
-        progress: bool = False, random_dbcnn: bool = False) -> RunResult:
+        progress: bool = False, random_dbcnn: bool = False, on_status=None,
+        stats_json: str | Path | None = None) -> RunResult:
     """Process `source` and write its best faces into `out_dir` (default `cafi_out/<source stem>/`).
 
-    Bad input raises InputError before any model loads. On KeyboardInterrupt every open track is still written,
-    with the summary, before the interrupt propagates.
+    Bad input raises InputError before any model loads. SIGINT/SIGTERM (in the main thread) stop intake and finish
+    cleanly; on any other exit every open track is still written, with the summary, before the error propagates.
+    `on_status(dict)` is called every `live.status_interval` seconds for live sources (and `stats_json` rewritten).
     """
     t0 = time.perf_counter()
-    decoder = Decoder(source, cfg.decode.queue_size, cfg.decode.threads, cfg.decode.max_frames)
+    decoder = open_source(source, cfg)
     own_models = models is None
     if own_models:
         models = Models.load(cfg, random_dbcnn=random_dbcnn)
@@ -311,17 +410,24 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
     state = _Run(cfg, models, decoder, writer)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    total = cfg.decode.max_frames or decoder.info.frames
-    if cfg.decode.max_frames and decoder.info.frames:
-        total = min(total, decoder.info.frames)
+    live = isinstance(decoder, LiveDecoder)
+    reporter = None
+    if live or stats_json is not None:
+        reporter = StatusReporter(state, cfg.live.status_interval, on_status if live else None,
+                                  Path(stats_json) if stats_json is not None else None)
     bar = None
-    if progress:
+    if progress and not live:
         from tqdm import tqdm
 
+        total = cfg.decode.max_frames or decoder.info.frames
+        if cfg.decode.max_frames and decoder.info.frames:
+            total = min(total, decoder.info.frames)
         bar = tqdm(total=total, unit="frame", dynamic_ncols=True, leave=False)
+    signals = _Signals(decoder)
     interrupted = False
     try:
-        asyncio.run(_consume(decoder, state.handle, (lambda f: bar.update(1)) if bar else (lambda f: None)))
+        asyncio.run(_consume(decoder, state.handle, (lambda f: bar.update(1)) if bar else (lambda f: None),
+                             signals, reporter))
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -332,10 +438,12 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
         writer.close()
         if decoder.stats.truncated:
             log.warning("%s: %s; kept what decoded", source, decoder.stats.truncated)
-        summary = state.summary(time.perf_counter() - t0, interrupted)
+        summary = state.summary(time.perf_counter() - t0, interrupted or signals.stopping)
         summary["seconds"]["load_models"] = round(load_seconds, 3)
         summary["out_dir"] = str(out)
         writer.write_summary(summary)
+        if reporter is not None and stats_json is not None:
+            reporter.report()
         if own_models:
             models.close()
     return RunResult(out_dir=out, summary=summary)

@@ -115,8 +115,15 @@ class Selector:
 
     def close(self, track_id: int) -> list[KeptFace]:
         """End a track: apply the final SER-FIQ threshold and return its top-k, `min_gap` apart, best first."""
-        pool = self.pools.pop(track_id, None)
-        fallback = self.fallback.pop(track_id, None)
+        kept = self.peek(track_id)
+        self.pools.pop(track_id, None)
+        self.fallback.pop(track_id, None)
+        return kept
+
+    def peek(self, track_id: int) -> list[KeptFace]:
+        """A track's top-k if it ended now (its best-so-far)."""
+        pool = self.pools.get(track_id)
+        fallback = self.fallback.get(track_id)
         if pool is None:
             return []
         threshold = self.rule.threshold(pool.hist)

@@ -47,6 +47,7 @@ class FaceTracker:
         self._ids: dict[int, int] = {}     # norfair id (per tracker instance) -> our id
         self._next_id = 1
         self.frames_seen: dict[int, int] = {}   # detections per live track
+        self.last_seen: dict[int, float] = {}   # last detection time per live track
         self.shot_cuts = 0
         from norfair import Detection   # noqa: F401  (norfair's first import costs ~0.7 s: pay it at start-up)
 
@@ -67,7 +68,9 @@ class FaceTracker:
         self.shot_cuts += cut
         return cut
 
-    def update(self, detections: Detections) -> TrackUpdate:
+    def update(self, detections: Detections, pts: float) -> TrackUpdate:
+        """Match `detections` (at time `pts`) to tracks. A track unseen for `max_gap` seconds ends, also when
+        frames were dropped and norfair, which counts updates, would keep it longer."""
         from norfair import Detection
 
         if self._tracker is None:
@@ -77,25 +80,43 @@ class FaceTracker:
                           scores=np.repeat(float(detections.confidence[i]), 2), data=i)
                 for i in range(len(detections))]
         self._tracker.update(detections=dets, period=self.period)
+        alive = {o.id for o in self._tracker.tracked_objects}
+        self._ids = {k: v for k, v in self._ids.items() if k in alive}   # bounded on endless streams
         ids = np.full(len(detections), -1, np.int64)
         for obj in self._tracker.tracked_objects:
             if obj.id is None:
                 continue
+            det = obj.last_detection
+            matched = det is not None and any(det is d for d in dets)
             if obj.id not in self._ids:
+                if not matched:
+                    continue
                 self._ids[obj.id] = self._next_id
                 self._next_id += 1
-            det = obj.last_detection
-            if det is not None and any(det is d for d in dets):
-                ids[det.data] = self._ids[obj.id]
-        for tid in ids[ids >= 0]:
-            self.frames_seen[int(tid)] = self.frames_seen.get(int(tid), 0) + 1
-        return TrackUpdate(track_ids=ids, ended=sorted(before - self._live()))
+            if matched:
+                tid = self._ids[obj.id]
+                ids[det.data] = tid
+                self.frames_seen[tid] = self.frames_seen.get(tid, 0) + 1
+                self.last_seen[tid] = pts
+        for nid, tid in list(self._ids.items()):
+            if pts - self.last_seen.get(tid, pts) > self.cfg.max_gap:
+                del self._ids[nid]   # ended by time: if norfair matches it again, it is a new track
+        ended = sorted(before - self._live())
+        for tid in ended:
+            self.last_seen.pop(tid, None)
+        return TrackUpdate(track_ids=ids, ended=ended)
 
     def finish(self) -> list[int]:
-        """End every live track (end of input)."""
+        """End every live track (end of input, or a shot cut)."""
         live = sorted(self._live())
         self._tracker = None
+        for tid in live:
+            self.last_seen.pop(tid, None)
         return live
+
+    @property
+    def tracks_started(self) -> int:
+        return self._next_id - 1
 
     def is_real(self, track_id: int) -> bool:
         """Whether a track was detected often enough to be a face, not a one-off false detection."""

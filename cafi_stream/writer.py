@@ -62,14 +62,18 @@ class OutputWriter:
         self.iqa_name = iqa_name
         self.rows = 0
         self.tracks = 0
+        self._snapshots: dict[int, set[str]] = {}
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for sub, _, _ in IMAGE_DIRS.values():
+        for sub in [d for d, _, _ in IMAGE_DIRS.values()] + ["live"]:
             (self.out_dir / sub).mkdir(exist_ok=True)
         self._clear_previous_run()
         self._meta = open(self.out_dir / METADATA, "w", encoding="utf-8")
 
     def _clear_previous_run(self) -> None:
         """A rerun into the same folder replaces the previous run's faces instead of mixing with them."""
+        for stale in (self.out_dir / "live").iterdir():
+            if stale.is_file():
+                stale.unlink()
         meta = self.out_dir / METADATA
         if not meta.exists():
             return
@@ -83,32 +87,58 @@ class OutputWriter:
                 if isinstance(name, str) and ".." not in Path(name).parts:
                     (self.out_dir / name).unlink(missing_ok=True)
 
-    def write_track(self, track_id: int, kept: list[KeptFace]) -> None:
-        """Images first, then the track's rows in one append, so no row ever names a missing file."""
-        if not kept:
-            return
-        lines = []
+    def _rows(self, track_id: int, kept: list[KeptFace], live: bool) -> list[dict]:
+        """Write the faces' images (once per file name) and return their metadata rows."""
+        rows = []
         for k in kept:
             f = k.face
-            images = encode_images(f.crops.context, f.crops.aligned, f.crops.masked, self.jpeg_quality)
-            row = {}
-            for kind, (sub, column, ext) in IMAGE_DIRS.items():
-                name = f"{sub}/t{track_id:06d}_f{f.frame_index:07d}{ext}"
-                atomic_write(self.out_dir / name, images[kind])
-                row[column] = name
+            names = {kind: (f"live/{sub}_t{track_id:06d}_f{f.frame_index:07d}{ext}" if live else
+                            f"{sub}/t{track_id:06d}_f{f.frame_index:07d}{ext}")
+                     for kind, (sub, _, ext) in IMAGE_DIRS.items()}
+            if not (live and all((self.out_dir / n).exists() for n in names.values())):   # snapshots: once
+                images = encode_images(f.crops.context, f.crops.aligned, f.crops.masked, self.jpeg_quality)
+                for kind, name in names.items():
+                    atomic_write(self.out_dir / name, images[kind])
+            row = {IMAGE_DIRS[kind][1]: name for kind, name in names.items()}
             row.update(
                 source=self.source, track_id=track_id, rank=k.rank, frame_index=f.frame_index,
                 pts_time=round(f.pts_time, 4), bbox=_round(f.bbox), det_score=round(f.det_score, 4),
                 landmarks=_round(f.landmarks), serfiq=float(f.serfiq), iqa_model=self.iqa_name,
                 iqa=None if f.iqa is None else float(f.iqa), score=float(f.score),
-                sharpness=round(f.sharpness, 2), yaw=round(f.yaw, 3),
-                embedding=_round(f.embedding, 6))
-            lines.append(json.dumps(row) + "\n")
-        self._meta.write("".join(lines))
-        self._meta.flush()
-        os.fsync(self._meta.fileno())
-        self.rows += len(lines)
-        self.tracks += 1
+                sharpness=round(f.sharpness, 2), yaw=round(f.yaw, 3), embedding=_round(f.embedding, 6))
+            rows.append(row)
+        return rows
+
+    def write_track(self, track_id: int, kept: list[KeptFace]) -> None:
+        """Images first, then the track's rows in one append, so no row ever names a missing file."""
+        if kept:
+            lines = "".join(json.dumps(row) + "\n" for row in self._rows(track_id, kept, live=False))
+            self._meta.write(lines)
+            self._meta.flush()
+            os.fsync(self._meta.fileno())
+            self.rows += len(kept)
+            self.tracks += 1
+        self.drop_snapshot(track_id)
+
+    def write_snapshot(self, track_id: int, kept: list[KeptFace]) -> None:
+        """A still-open track's best-so-far: live/track_<id>.json (replaced atomically) and its images; images
+        of the previous snapshot that it no longer names are removed after the switch."""
+        if not kept:
+            return
+        rows = self._rows(track_id, kept, live=True)
+        atomic_write(self.out_dir / "live" / f"track_{track_id:06d}.json", (json.dumps(rows) + "\n").encode())
+        files = {row[column] for row in rows for _, column, _ in IMAGE_DIRS.values()}
+        for stale in self._snapshots.get(track_id, set()) - files:
+            (self.out_dir / stale).unlink(missing_ok=True)
+        self._snapshots[track_id] = files
+
+    def drop_snapshot(self, track_id: int) -> None:
+        files = self._snapshots.pop(track_id, None)
+        if files is None:
+            return
+        (self.out_dir / "live" / f"track_{track_id:06d}.json").unlink(missing_ok=True)
+        for name in files:
+            (self.out_dir / name).unlink(missing_ok=True)
 
     def write_summary(self, summary: dict) -> Path:
         path = self.out_dir / SUMMARY

@@ -20,7 +20,7 @@ def test_short_occlusion_keeps_id_long_gap_ends_track():
     ids, ended = [], []
     for i in range(200):
         hidden = 40 <= i < 55 or 100 <= i < 160   # 0.5 s, then 2 s without a detection
-        upd = tracker.update(Detections() if hidden else box_at(100 + i))
+        upd = tracker.update(Detections() if hidden else box_at(100 + i), i / 30)
         ended += upd.ended
         if not hidden:
             ids.append(int(upd.track_ids[0]))
@@ -36,3 +36,15 @@ def test_shot_cuts_in_the_real_clip():
         cuts = [i for i, f in enumerate(c.decode(video=0)) if det(f.to_ndarray(format="rgb24"))]
     # The clip has a few hard cuts (stage, close-up, audience), not one per frame.
     assert 1 <= len(cuts) <= 8, cuts
+
+
+def test_track_ends_by_time_when_frames_are_dropped():
+    """A live stream that drops frames: norfair counts updates, the track timeout is in seconds."""
+    tracker = FaceTracker(load_config().track, fps=30)   # max_gap 1 s = 30 updates
+    first = int(tracker.update(box_at(100), 0.0).track_ids[0])
+    upd = tracker.update(Detections(), 0.5)
+    assert upd.ended == []
+    upd = tracker.update(Detections(), 1.6)     # two updates later, but 1.6 s without the face
+    assert upd.ended == [first]
+    again = tracker.update(box_at(100), 1.7)
+    assert int(again.track_ids[0]) != first

@@ -1,0 +1,263 @@
+"""Stage 1 for live sources (RTSP/HTTP streams, capture devices, `--loop` files): decoding that rides out faults.
+
+- Opening runs under a watchdog of our own: `av.open` can hang on a peer that accepts and sends nothing, and
+  PyAV's own timeouts are capped. A connection that stays silent past the read deadline is abandoned and replaced.
+- Reconnects back off exponentially with jitter; unlimited unless `reconnect_max` >= 0.
+- The frame queue drops its oldest frame when scoring falls behind, so latency stays bounded; drops are counted.
+- Timestamps follow the stream's while they increase, and fall back to the wall clock when they do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import av
+
+from .decode import DecodeStats, VideoFrame, _End, _is_url, open_video
+from .errors import InputError, StreamError
+
+log = logging.getLogger(__name__)
+
+LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "srt://")
+
+
+def is_live(source: str) -> bool:
+    return source.startswith(LIVE_SCHEMES) or source.startswith("/dev/video")
+
+
+@dataclass
+class LiveOptions:
+    transport: str = "tcp"        # RTSP transport
+    open_timeout: float = 10.0    # seconds for a connection to deliver its stream description
+    read_timeout: float = 10.0    # seconds without a frame before the connection is replaced
+    reconnect_max: int = -1       # reconnect attempts in a row before giving up (-1: never give up)
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    loop: bool = False            # play a file as a live source at its native rate, looping
+
+
+@dataclass
+class LiveStats(DecodeStats):
+    dropped: int = 0
+    reconnects: int = 0
+    connected: bool = False
+    last_error: str | None = None
+
+
+class LiveDecoder:
+    """The `Decoder` interface (`info`, `stats`, `frames()`, `stop()`) for sources that never end by themselves."""
+
+    def __init__(self, source: str, queue_size: int = 8, threads: int = 0, options: LiveOptions | None = None):
+        self.source = source
+        self.opts = options or LiveOptions()
+        self.queue_size = queue_size
+        self.threads = threads
+        self.stats = LiveStats()
+        self._stop = threading.Event()
+        self._gen = 0                 # connection generation: frames of an abandoned connection are ignored
+        self._t0 = time.monotonic()
+        self._failures = 0
+        self._queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_frame = time.monotonic()
+        self._container, self.info = self._connect(first=True)
+
+    # -- connection
+    def _ffmpeg_options(self) -> dict:
+        us = str(int(self.opts.read_timeout * 1e6))
+        if self.source.startswith(("rtsp://", "rtsps://")):
+            return {"rtsp_transport": self.opts.transport, "timeout": us}
+        if self.source.startswith(("http://", "https://")):
+            return {"rw_timeout": us, "reconnect": "1"}
+        return {}
+
+    def _open_once(self):
+        """av.open under a watchdog: a helper thread opens; past the deadline it is abandoned."""
+        result: dict = {}
+
+        def target():
+            try:
+                result["ok"] = open_video(self.source, self.threads, self._ffmpeg_options(),
+                                          timeout=(self.opts.open_timeout, self.opts.read_timeout))
+            except BaseException as e:   # handed back to the caller
+                result["error"] = e
+            if "ok" in result and result.get("abandoned"):
+                result["ok"][0].close()   # too late: nobody waits for it any more
+
+        t = threading.Thread(target=target, name="cafi-open", daemon=True)
+        t.start()
+        t.join(self.opts.open_timeout)
+        if t.is_alive():
+            result["abandoned"] = True
+            raise TimeoutError(f"no stream after {self.opts.open_timeout:g} s")
+        if "error" in result:
+            raise result["error"]
+        container, stream, info = result["ok"]
+        return container, info
+
+    def _connect(self, first: bool = False):
+        """Open, retrying with backoff; raise StreamError when the cap is reached. Files under --loop fail fast."""
+        while not self._stop.is_set():
+            if self._failures:
+                if 0 <= self.opts.reconnect_max < self._failures:
+                    raise StreamError(f"{self.source}: unreachable after {self._failures} attempt(s) "
+                                      f"({self.stats.last_error}); giving up (--reconnect-max "
+                                      f"{self.opts.reconnect_max})")
+                delay = min(self.opts.backoff_max, self.opts.backoff_initial * 2 ** (self._failures - 1))
+                self._stop.wait(delay * random.uniform(0.5, 1.0))
+                if self._stop.is_set():
+                    break
+            try:
+                container, info = self._open_once()
+            except InputError as e:
+                if not _is_url(self.source) and not self.source.startswith("/dev/"):
+                    raise   # a bad file stays bad: no point retrying
+                self._failed(str(e).split(": ", 1)[-1])
+                continue
+            except (TimeoutError, OSError, av.error.FFmpegError) as e:
+                self._failed(str(e))
+                continue
+            if not first:
+                self.stats.reconnects += 1
+                log.warning("%s: reconnected", self.source)
+            self.stats.connected = True
+            return container, info
+        raise StreamError(f"{self.source}: stopped before a connection was made")
+
+    def _failed(self, why: str) -> None:
+        """Count a failed or lost connection. A lost connection is reported once per outage; failures to make
+        the first one only when retries are unlimited (with a cap, the final error says it all)."""
+        self._failures += 1
+        was_connected, self.stats.connected = self.stats.connected, False
+        if was_connected or (self.opts.reconnect_max < 0 and self._failures in (1, 10)):
+            log.warning("%s: %s; reconnecting", self.source, why)
+        else:
+            log.debug("%s: %s (attempt %d)", self.source, why, self._failures)
+        self.stats.last_error = why
+
+    # -- decoding thread
+    def _emit(self, gen: int, frame: VideoFrame) -> None:
+        """Runs in the event loop: drop the oldest frame rather than block the stream."""
+        if gen != self._gen:
+            return
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.stats.dropped += 1
+        self._queue.put_nowait(frame)
+
+    def _pump(self, gen: int, container) -> None:
+        loop_offset = 0.0
+        try:
+            while not self._stop.is_set() and gen == self._gen:
+                if container is None:
+                    container, _ = self._connect()
+                if gen != self._gen:
+                    break
+                end_pts = self._decode(gen, container, loop_offset)
+                container.close()
+                container = None
+                if self.opts.loop and end_pts is not None and not self._stop.is_set():
+                    loop_offset = end_pts + 1.0 / self.info.fps   # keep time running across loops
+                    container, _ = self._open_once()
+                    continue
+                if not self.opts.loop and not self._stop.is_set():
+                    self._failed("the stream ended")
+        except BaseException as e:
+            if gen == self._gen:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, _End(e))
+            return
+        finally:
+            if container is not None:
+                container.close()
+        if gen == self._gen:
+            self._loop.call_soon_threadsafe(self._put_end)
+
+    def _put_end(self) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.stats.dropped += 1
+        self._queue.put_nowait(_End())
+
+    def _decode(self, gen: int, container, loop_offset: float) -> float | None:
+        """Decode one connection until it ends or fails; returns the last stream time (for --loop)."""
+        stream = container.streams.video[0]
+        first_t = wall_base = last_t = None
+        last_pts = None
+        try:
+            for frame in container.decode(stream):
+                if self._stop.is_set() or gen != self._gen:
+                    return last_pts
+                now = time.monotonic()
+                t = frame.time
+                if self.opts.loop:   # a file as a live source: its own clock, paced to the wall clock
+                    t = (t if t is not None else (last_t or 0.0) + 1.0 / self.info.fps)
+                    pts = t + loop_offset
+                    if first_t is None:
+                        first_t, wall_base = pts, now
+                    delay = wall_base + (pts - first_t) - now
+                    if delay > 0 and self._stop.wait(delay):
+                        return last_pts
+                else:
+                    wall = now - self._t0
+                    usable = t is not None and first_t is not None and last_t is not None and t > last_t
+                    pts = wall_base + (t - first_t) if usable else wall
+                    if not usable or abs(pts - wall) > 5.0:   # missing, backwards or drifting: the wall clock
+                        first_t, wall_base, pts = t, wall, wall
+                last_t, last_pts = t, pts
+                self._failures = 0
+                self._last_frame = time.monotonic()
+                image = frame.to_ndarray(format="rgb24")
+                self.stats.frames += 1
+                vf = VideoFrame(index=self.stats.frames - 1, pts_time=float(pts), image=image)
+                self._loop.call_soon_threadsafe(self._emit, gen, vf)
+        except (av.error.FFmpegError, OSError) as e:
+            if not self._stop.is_set() and gen == self._gen:
+                self._failed(f"connection lost ({getattr(e, 'strerror', None) or e})")
+            return None
+        return last_pts
+
+    # -- consumer side
+    def _start(self, container) -> None:
+        self._gen += 1
+        self._last_frame = time.monotonic()
+        threading.Thread(target=self._pump, args=(self._gen, container), name=f"cafi-live-{self._gen}",
+                         daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def frames(self):
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._start(self._container)
+        self._container = None
+        # A connection can stall inside FFmpeg past every timeout: after twice the read deadline without a frame
+        # it is abandoned (its thread may stay blocked; its frames are ignored) and a new one is made.
+        stall = max(2 * self.opts.read_timeout, self.opts.open_timeout + self.opts.read_timeout)
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if self._stop.is_set():
+                        return
+                    if time.monotonic() - self._last_frame > stall:
+                        self._failed(f"no frame for {stall:g} s")
+                        self._start(None)
+                    continue
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            self.stop()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0

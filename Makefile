@@ -8,7 +8,7 @@ DEMO_VIDEO ?= $(SHARED)/videos/short_hamilton_clip.mp4
 # real users get DBCNN, the default, downloaded on first use.
 DEMO_ARGS ?= --topk 5 --iqa piqe --fr-model $(SHARED)/models/mobilefacenet_paddlex_128d.onnx --out cafi_out/demo
 
-.PHONY: install demo test
+.PHONY: install demo test eval
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -25,3 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Regenerates docs/results/ and the README's "Results" tables (about 15 minutes on 2 cores).
+eval: $(STAMP)
+	$(PY) scripts/eval_selection.py --out docs/results --readme README.md
+	$(PY) scripts/eval_fiqa.py --out docs/results --readme README.md
+	rm -rf docs/results/runs docs/results/eval_video.mp4

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where torch and ONNX Runtime run")
     p.add_argument("--backend", choices=["auto", "tensorrt", "ort", "torch"],
                    help="inference backend for the scoring networks (default auto: the fastest available)")
+    p.add_argument("--ranker", choices=["cafi", "serfiq", "sharpness", "detector", "random"],
+                   help="how faces are ranked (default cafi; the others are baselines)")
+    p.add_argument("--fusion", choices=["filter", "zsum", "zmin"], help="how cafi combines SER-FIQ and IQA")
+    p.add_argument("--scores-out", help="write one JSON line per scored face, with whether it was kept")
     p.add_argument("--exhaustive", action="store_true", default=None,
                    help="score every eligible face with the IQA model (slow; the cascade's reference)")
     live = p.add_argument_group("live sources (rtsp://, http(s)://, /dev/video*, --loop)")
@@ -76,6 +80,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "decode": pick(max_frames=args.max_frames),
         "runtime": pick(device=args.device, models_dir=args.models_dir, backend=args.backend),
         "cascade": pick(exhaustive=args.exhaustive),
+        "rank": pick(method=getattr(args, "ranker", None), fusion=getattr(args, "fusion", None)),
         "live": pick(loop=getattr(args, "loop", None), transport=getattr(args, "rtsp_transport", None),
                      open_timeout=getattr(args, "open_timeout", None), read_timeout=getattr(args, "read_timeout", None),
                      reconnect_max=getattr(args, "reconnect_max", None)),
@@ -135,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, _overrides(args))
         progress = not args.quiet and sys.stderr.isatty()
         result = run(args.source, cfg, out_dir=args.out, progress=progress, stats_json=args.stats_json,
+                     scores_out=args.scores_out,
                      on_status=None if args.quiet else _print_status)
     except CafiError as e:
         log.error("%s", e)

@@ -11,6 +11,9 @@ from typing import Any
 
 from .errors import InputError
 
+RANKERS = ("cafi", "serfiq", "sharpness", "detector", "random")
+FUSIONS = ("filter", "zsum", "zmin")
+
 
 @dataclass
 class OutputConfig:
@@ -68,6 +71,12 @@ class SerfiqConfig:
 
 
 @dataclass
+class RankConfig:
+    method: str
+    fusion: str
+
+
+@dataclass
 class IqaConfig:
     name: str
     dbcnn_dataset: str
@@ -120,6 +129,7 @@ class Config:
     faces: FacesConfig
     fr: FrConfig
     serfiq: SerfiqConfig
+    rank: RankConfig
     iqa: IqaConfig
     cascade: CascadeConfig
     live: LiveConfig
@@ -187,7 +197,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         data = _merge(data, {k: v for k, v in overrides.items() if v}, "command line")
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sources"}
     types = {c.__name__: c for c in (OutputConfig, DecodeConfig, DetectConfig, TrackConfig, FacesConfig,
-                                     FrConfig, SerfiqConfig, IqaConfig, CascadeConfig, LiveConfig,
+                                     FrConfig, SerfiqConfig, RankConfig, IqaConfig, CascadeConfig, LiveConfig,
                                      RuntimeConfig)}
     cfg = Config(**{name: _coerce(types[t], data[name], name) for name, t in sections.items()}, sources=sources)
     _validate(cfg)
@@ -211,6 +221,8 @@ def _validate(cfg: Config) -> None:
         (cfg.detect.rate >= 0, "detect rate must not be negative"),
         (cfg.cascade.iqa_budget > 0, "cascade iqa_budget must be positive"),
         (cfg.live.transport in ("tcp", "udp"), "rtsp transport must be tcp or udp"),
+        (cfg.rank.method in RANKERS, f"ranker must be one of {', '.join(RANKERS)}"),
+        (cfg.rank.fusion in FUSIONS, f"fusion must be one of {', '.join(FUSIONS)}"),
         (cfg.live.open_timeout > 0 and cfg.live.read_timeout > 0, "timeouts must be positive"),
         (cfg.live.reconnect_max >= -1, "reconnect-max must be -1 (unlimited) or more"),
         (cfg.live.queue_size >= 1, "live queue_size must be at least 1"),

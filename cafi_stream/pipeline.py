@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import signal
 import threading
@@ -37,7 +38,7 @@ from .models import default_models_dir, resolve_fr_model, sha256_of
 from .select import Selector, ScoredFace, SerfiqRule
 from .serfiq import SerFiq
 from .track import FaceTracker
-from .writer import OutputWriter, atomic_write
+from .writer import OutputWriter, ScoresLog, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ class _Run:
     pending for it, then is written.
     """
 
-    def __init__(self, cfg: Config, models: Models, decoder: Decoder, writer: OutputWriter):
+    def __init__(self, cfg: Config, models: Models, decoder: Decoder, writer: OutputWriter,
+                 scores_out: Path | None = None):
         self.cfg = cfg
         self.models = models
         self.decoder = decoder
@@ -134,8 +136,13 @@ class _Run:
         min_score = cfg.serfiq.min_score
         if min_score == "auto":
             min_score = models.serfiq.spec.serfiq_min
-        self.selector = Selector(cfg.output.topk, cfg.output.min_gap,
-                                 SerfiqRule(cfg.serfiq.track_quantile, min_score), cfg.runtime.pool_factor)
+        self.method = cfg.rank.method
+        # Baseline rankers rank every scored face by their own measure: no SER-FIQ rule, no IQA.
+        rule = SerfiqRule(cfg.serfiq.track_quantile, min_score) if self.method == "cafi" else SerfiqRule(0.0)
+        self.iqa = models.iqa if self.method == "cafi" else None
+        self.selector = Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor,
+                                 fusion=cfg.rank.fusion if self.iqa is not None else "filter")
+        self.scores = ScoresLog(scores_out) if scores_out is not None else None
         c = cfg.cascade
         self.exhaustive = c.exhaustive
         self.scheduler = IqaScheduler(c.iqa_budget, c.iqa_burst, window=max(c.iqa_window, cfg.output.min_gap),
@@ -159,35 +166,59 @@ class _Run:
 
     def _run_iqa(self, faces: list[ScoredFace]) -> list[float]:
         with self.timer("iqa"):
-            return self.models.iqa(np.stack([f.crops.masked for f in faces])).tolist()
+            return self.iqa(np.stack([f.crops.masked for f in faces])).tolist()
 
     # -- flow
+    def _ranker_value(self, face: ScoredFace) -> float:
+        if self.method == "sharpness":
+            return face.sharpness
+        if self.method == "detector":
+            return face.det_score
+        if self.method == "random":   # repeatable: seeded by the face's identity in the video
+            return random.Random(f"{face.track_id}:{face.frame_index}").random()
+        return face.serfiq   # "serfiq", and "cafi" with --iqa none
+
     def _pump(self, flush: bool = False, ending: int | None = None) -> None:
         for face, (score, emb) in (self.serfiq_batch.flush() if flush else self.serfiq_batch.poll()):
-            face.serfiq, face.embedding, face.score = score, emb, score
+            face.serfiq, face.embedding = score, emb
             with self.timer("select"):
-                if not self.selector.passes(face.track_id, score):
-                    continue
-                if self.models.iqa is None:
+                passes = self.selector.passes(face.track_id, score)
+            if self.scores is not None:
+                self.scores.record(face)
+            if self.iqa is None:
+                face.quality = self._ranker_value(face)
+                if passes:
                     self.selector.offer(face)
-                    continue
-                if not self.exhaustive:
-                    self.selector.offer_fallback(face)
+                if self.scores is not None:
+                    self.scores.update(face)
+                continue
+            # The filter rule needs no IQA for faces it drops; zsum and the exhaustive reference score them all.
+            if not (passes or self.exhaustive or self.selector.fusion != "filter"):
+                continue
+            if not self.exhaustive:
+                face.score = score
+                self.selector.offer_fallback(face)
             self.scheduler.submit(face.track_id, face.pts_time, face.sharpness, face)
-        if self.models.iqa is None:
+        if self.iqa is None:
             return
         for face in self.scheduler.due(self.now, track_id=ending):
             self.iqa_batch.add(face)
         for face, value in (self.iqa_batch.flush() if flush else self.iqa_batch.poll()):
-            face = dataclasses.replace(face, iqa=value, score=self.models.iqa.oriented(value))
+            face = dataclasses.replace(face, iqa=value, quality=self.iqa.oriented(value))
             with self.timer("select"):
                 self.selector.offer(face)
+            if self.scores is not None:
+                self.scores.update(face)
 
     def _end_tracks(self, track_ids) -> None:
         for tid in track_ids:
             self._pump(flush=True, ending=tid)
             with self.timer("select"):
+                if self.scores is not None:
+                    threshold, score = self.selector.judge(tid)
                 kept = self.selector.close(tid)
+            if self.scores is not None:
+                self.scores.close_track(tid, kept, threshold, score)
             self.last_sampled.pop(tid, None)
             self.opened.pop(tid, None)
             if self.tracker.is_real(tid):
@@ -278,6 +309,8 @@ class _Run:
     def finish(self) -> None:
         self._end_tracks(self.tracker.finish())
         self._end_tracks(self.selector.open_tracks)
+        if self.scores is not None:
+            self.scores.close()
 
     def summary(self, wall: float, interrupted: bool) -> dict:
         info = self.decoder.info
@@ -308,7 +341,8 @@ class _Run:
             "interrupted": interrupted,
             "device": self.models.device,
             "engines": self.models.engines,
-            "iqa": self.models.iqa.name if self.models.iqa else None,
+            "iqa": self.iqa.name if self.iqa else None,
+            "ranker": self.method,
             "models": self.models.files,
             "config": self.cfg.to_dict(),
         }
@@ -393,7 +427,7 @@ def open_source(source: str, cfg: Config):
 
 def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Models | None = None,
         progress: bool = False, random_dbcnn: bool = False, on_status=None,
-        stats_json: str | Path | None = None) -> RunResult:
+        stats_json: str | Path | None = None, scores_out: str | Path | None = None) -> RunResult:
     """Process `source` and write its best faces into `out_dir` (default `cafi_out/<source stem>/`).
 
     Bad input raises InputError before any model loads. SIGINT/SIGTERM (in the main thread) stop intake and finish
@@ -406,8 +440,9 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
     if own_models:
         models = Models.load(cfg, random_dbcnn=random_dbcnn)
     out = Path(out_dir) if out_dir is not None else default_out_dir(source)
-    writer = OutputWriter(out, source, models.iqa.name if models.iqa else None, cfg.output.jpeg_quality)
-    state = _Run(cfg, models, decoder, writer)
+    iqa_name = models.iqa.name if models.iqa is not None and cfg.rank.method == "cafi" else None
+    writer = OutputWriter(out, source, iqa_name, cfg.output.jpeg_quality)
+    state = _Run(cfg, models, decoder, writer, Path(scores_out) if scores_out is not None else None)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     live = isinstance(decoder, LiveDecoder)

@@ -25,10 +25,11 @@ class ScoredFace:
     serfiq: float
     embedding: np.ndarray     # (E,) L2-normalised
     iqa: float | None         # raw metric value (None when IQA is off or was not spent on this face)
-    score: float              # ranking key, higher is better
+    score: float              # ranking key, higher is better (set by the Selector from `quality`)
     sharpness: float = 0.0    # cheap quality proxy the cascade ranks IQA candidates by
     yaw: float = 0.0
     crops: object = None      # align.FaceCrops, encoded only if the face is written
+    quality: float = 0.0      # the ranker's measure, higher is better (oriented IQA for cafi)
 
 
 @dataclass
@@ -53,15 +54,35 @@ class SerfiqRule:
         return t
 
 
+class Running:
+    """Mean and standard deviation in O(1) memory (Welford)."""
+
+    def __init__(self):
+        self.n, self.mean, self._m2 = 0, 0.0, 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self._m2 += d * (x - self.mean)
+
+    def z(self, x: float) -> float:
+        std = (self._m2 / self.n) ** 0.5 if self.n > 1 else 0.0
+        return (x - self.mean) / std if std > 1e-12 else 0.0
+
+
 class TrackPool:
     def __init__(self, capacity: int, min_gap: float):
         self.capacity = capacity
         self.min_gap = min_gap
         self.hist = np.zeros(_BINS, np.int32)
+        self.serfiq = Running()
+        self.quality = Running()
         self.faces: list[ScoredFace] = []
 
     def observe(self, serfiq: float) -> None:
         self.hist[min(_BINS - 1, max(0, int(serfiq * _BINS)))] += 1
+        self.serfiq.add(serfiq)
 
     def offer(self, face: ScoredFace) -> bool:
         """Keep `face` if it beats every pooled face within min_gap of it (which it then replaces)."""
@@ -78,10 +99,14 @@ class TrackPool:
 
 
 class Selector:
-    def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3):
+    """`fusion` "filter": SER-FIQ rule, then rank by quality. "zsum" / "zmin": rank by the sum / the smaller of
+    the per-track z-scores of SER-FIQ and quality, with no hard filter (`rule.min_score` still applies)."""
+
+    def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3, fusion: str = "filter"):
         self.topk = topk
         self.min_gap = min_gap
-        self.rule = rule
+        self.fusion = fusion
+        self.rule = rule if fusion == "filter" else SerfiqRule(quantile=0.0, min_score=rule.min_score)
         self.capacity = topk * pool_factor
         self.pools: dict[int, TrackPool] = {}
         # Ranked by SER-FIQ: a track's answer when its IQA budget never reached it.
@@ -93,6 +118,22 @@ class Selector:
             pool = self.pools[track_id] = TrackPool(self.capacity, self.min_gap)
         return pool
 
+    def _fused(self, pool: TrackPool, serfiq: float, quality: float) -> float:
+        if self.fusion == "zsum":
+            return pool.serfiq.z(serfiq) + pool.quality.z(quality)
+        if self.fusion == "zmin":
+            return min(pool.serfiq.z(serfiq), pool.quality.z(quality))
+        return quality
+
+    def _score(self, pool: TrackPool, face: ScoredFace) -> float:
+        return self._fused(pool, face.serfiq, face.quality)
+
+    def judge(self, track_id: int):
+        """(threshold, score(serfiq, quality)) of a track with its statistics so far: how `--scores-out` explains
+        each face's rank."""
+        pool = self._pool(track_id)
+        return self.rule.threshold(pool.hist), lambda s, q: self._fused(pool, s, q)
+
     def offer_fallback(self, face: ScoredFace) -> bool:
         pool = self.fallback.get(face.track_id)
         if pool is None:
@@ -101,7 +142,8 @@ class Selector:
 
     def could_enter(self, track_id: int, proxy: float) -> bool:
         """False when the track already holds top-k faces that all beat `proxy` on the cheap proxy."""
-        faces = sorted(self._pool(track_id).faces, key=lambda f: -f.score)[:self.topk]
+        pool = self.pools.get(track_id)
+        faces = sorted(pool.faces, key=lambda f: -f.score)[:self.topk] if pool is not None else []
         return len(faces) < self.topk or proxy > min(f.sharpness for f in faces)
 
     def passes(self, track_id: int, serfiq: float) -> bool:
@@ -111,7 +153,10 @@ class Selector:
         return serfiq >= self.rule.threshold(pool.hist)
 
     def offer(self, face: ScoredFace) -> bool:
-        return self._pool(face.track_id).offer(face)
+        pool = self._pool(face.track_id)
+        pool.quality.add(face.quality)
+        face.score = self._score(pool, face)
+        return pool.offer(face)
 
     def close(self, track_id: int) -> list[KeptFace]:
         """End a track: apply the final SER-FIQ threshold and return its top-k, `min_gap` apart, best first."""
@@ -127,6 +172,8 @@ class Selector:
         if pool is None:
             return []
         threshold = self.rule.threshold(pool.hist)
+        for f in pool.faces:   # with final track statistics
+            f.score = self._score(pool, f)
         faces = [f for f in pool.faces if f.serfiq >= threshold]
         if not faces and fallback is not None:
             faces = [f for f in fallback.faces if f.serfiq >= threshold]

@@ -147,3 +147,41 @@ class OutputWriter:
 
     def close(self) -> None:
         self._meta.close()
+
+
+class ScoresLog:
+    """`--scores-out`: one JSON line per scored face (frame, track, box, every score, whether it was kept), written
+    when its track ends, so that a user can see why a face was or was not chosen."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "w", encoding="utf-8")
+        self._tracks: dict[int, dict[int, dict]] = {}
+
+    def record(self, face) -> None:
+        self._tracks.setdefault(face.track_id, {})[face.frame_index] = {
+            "frame_index": face.frame_index, "pts_time": round(face.pts_time, 4), "track_id": face.track_id,
+            "bbox": _round(face.bbox), "det_score": round(face.det_score, 4), "sharpness": round(face.sharpness, 2),
+            "yaw": round(face.yaw, 3), "serfiq": float(face.serfiq), "iqa": None, "quality": None}
+
+    def update(self, face) -> None:
+        row = self._tracks.get(face.track_id, {}).get(face.frame_index)
+        if row is not None:
+            row["iqa"] = None if face.iqa is None else float(face.iqa)
+            row["quality"] = float(face.quality)
+
+    def close_track(self, track_id: int, kept: list[KeptFace], threshold: float, score) -> None:
+        rows = self._tracks.pop(track_id, {})
+        ranks = {k.face.frame_index: k.rank for k in kept}
+        lines = []
+        for frame, row in sorted(rows.items()):
+            row["passed_serfiq"] = row["serfiq"] >= threshold
+            row["score"] = None if row["quality"] is None else float(score(row["serfiq"], row["quality"]))
+            row["kept"] = frame in ranks
+            row["rank"] = ranks.get(frame)
+            lines.append(json.dumps(row) + "\n")
+        self._f.write("".join(lines))
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

@@ -43,28 +43,24 @@ def hamilton_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def aligned_photos():
     """Single-person photos of ../shared/data/faces, detected, landmarked and aligned to 112x112 RGB."""
-    import cv2
-
-    from cafi_stream.align import align_face
+    from cafi_stream.align import align_largest_face
     from cafi_stream.config import load_config
     from cafi_stream.detect import FaceDetector
     from cafi_stream.landmarks import FaceMesher
 
-    cfg = load_config()
-    det, mesh = FaceDetector(cfg.detect), FaceMesher()
+    det, mesh = FaceDetector(load_config().detect), FaceMesher()
     out = {}
     for path in sorted(FACES.iterdir()):
-        if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or path.name.startswith("multi_"):
-            continue
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        image = np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-        d = det(image)
-        if not len(d):
-            continue
-        best = int(np.argmax(d.side))
-        lm = mesh(image, d.xyxy[best])
-        if lm is not None:
-            out[path.stem] = align_face(image, lm.five)
+        if path.suffix.lower() in (".jpg", ".jpeg", ".png") and not path.name.startswith("multi_"):
+            face = align_largest_face(read_rgb(path), det, mesh)
+            if face is not None:
+                out[path.stem] = face
     det.close()
     mesh.close()
     return out
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    import cv2
+
+    return np.ascontiguousarray(cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))

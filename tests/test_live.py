@@ -1,7 +1,6 @@
 """Live sources against a real RTSP server on 127.0.0.1 (GStreamer's rtsp-server), and signals."""
 
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -7,7 +7,8 @@ from cafi_stream.select import ScoredFace, Selector, SerfiqRule
 
 def face(t, score, serfiq=0.6, track=1):
     return ScoredFace(track_id=track, frame_index=int(t * 30), pts_time=t, bbox=np.zeros(4), det_score=0.9,
-                      landmarks=np.zeros((5, 2)), serfiq=serfiq, embedding=np.zeros(4), iqa=score, score=score)
+                      landmarks=np.zeros((5, 2)), serfiq=serfiq, embedding=np.zeros(4), iqa=score, score=score,
+                      quality=score)
 
 
 def feed(sel, faces):
@@ -52,3 +53,13 @@ def test_absolute_rule_and_tracks_are_independent():
                face(1, 3.0, serfiq=0.7, track=2)])
     assert [k.face.score for k in sel.close(1)] == [1.0]
     assert [k.face.score for k in sel.close(2)] == [3.0]
+
+
+def test_zsum_fusion_trades_serfiq_against_quality():
+    sel = Selector(topk=1, min_gap=0.0, rule=SerfiqRule(quantile=0.5), fusion="zsum")
+    # A: best quality, worst SER-FIQ. B: both good. C, D: average. zsum keeps B; the filter rule would drop
+    # under-median SER-FIQ and keep the best quality among the rest.
+    faces = [face(0, 10.0, serfiq=0.40), face(1, 9.0, serfiq=0.58), face(2, 5.0, serfiq=0.50),
+             face(3, 5.0, serfiq=0.50)]
+    feed(sel, faces)
+    assert sel.close(1)[0].face.pts_time == 1

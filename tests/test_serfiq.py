@@ -2,7 +2,6 @@
 
 import itertools
 
-import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,6 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from conftest import FR_MODEL
+from cafi_stream import degrade
 from cafi_stream.models import FR_MODELS, ModelSpec
 from cafi_stream.serfiq import SerFiq, dropout_masks, find_embedding_head
 
@@ -81,33 +81,13 @@ def test_same_person_pairs_are_more_similar(serfiq, aligned_photos):
     assert auc >= 0.95
 
 
-def _motion_blur(img, length):
-    k = np.zeros((length, length), np.float32)
-    k[length // 2] = 1.0 / length
-    return cv2.filter2D(img, -1, k)
-
-
-def _jpeg(img, q):
-    return cv2.imdecode(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])[1], cv2.IMREAD_UNCHANGED)
-
-
-def _noise(img, sigma, seed=0):
-    n = np.random.default_rng(seed).normal(0, sigma, img.shape)
-    return np.clip(img.astype(np.float32) + n, 0, 255).astype(np.uint8)
-
-
-def _down(img, f):
-    s = img.shape[0] // f
-    return cv2.resize(cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA), img.shape[:2][::-1],
-                      interpolation=cv2.INTER_LINEAR)
-
-
+# The acceptance list's own parameters (112-pixel aligned faces).
 DEGRADATIONS = {
-    "gauss": [(s, lambda im, s=s: cv2.GaussianBlur(im, (0, 0), s)) for s in (2, 4, 8)],
-    "noise": [(s, lambda im, s=s: _noise(im, s)) for s in (10, 25, 50)],
-    "downscale": [(f, lambda im, f=f: _down(im, f)) for f in (4, 8)],
-    "jpeg": [(q, lambda im, q=q: _jpeg(im, q)) for q in (30, 10)],
-    "motion": [(n, lambda im, n=n: _motion_blur(im, n)) for n in (9, 15)],
+    "gauss": [(s, lambda im, s=s: degrade.gaussian_blur(im, s)) for s in (2, 4, 8)],
+    "noise": [(s, lambda im, s=s: degrade.noise(im, s)) for s in (10, 25, 50)],
+    "downscale": [(f, lambda im, f=f: degrade.downscale(im, f)) for f in (4, 8)],
+    "jpeg": [(q, lambda im, q=q: degrade.jpeg(im, q)) for q in (30, 10)],
+    "motion": [(n, lambda im, n=n: degrade.motion_blur(im, n)) for n in (9, 15)],
 }
 ASSERTED = {("gauss", 4), ("gauss", 8), ("noise", 25), ("noise", 50), ("downscale", 8)}
 

@@ -30,4 +30,4 @@ test: $(STAMP)
 eval: $(STAMP)
 	$(PY) scripts/eval_selection.py --out docs/results --readme README.md
 	$(PY) scripts/eval_fiqa.py --out docs/results --readme README.md
-	rm -rf docs/results/runs docs/results/eval_video.mp4
+	rm -rf docs/results/runs docs/results/eval_video.mp4 docs/results/ground_truth.json

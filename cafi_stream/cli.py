@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return e.exit_code
     except KeyboardInterrupt:
-        log.error("interrupted; open tracks and summary.json were written")
+        log.error("interrupted")
         return 130
     except Exception as e:   # an internal error: one line, the traceback only with -v
         log.debug("traceback", exc_info=True)

@@ -32,7 +32,7 @@ def test_checkpoint_round_trip(random_checkpoint):
 def test_cli_fills_iqa_from_models_dir(random_checkpoint, tmp_path):
     out = tmp_path / "out"
     proc = run_cli(VIDEO, "--iqa", "dbcnn", "--models-dir", random_checkpoint.parent, "--fr-model", FR_MODEL,
-                   "--max-frames", 100, "--topk", 2, "--out", out, "--quiet")
+                   "--max-frames", 100, "--topk", 2, "--fusion", "filter", "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
     rows = read_rows(out)
     assert rows and all(isinstance(r["iqa"], float) and r["iqa_model"] == "dbcnn" for r in rows)
@@ -41,7 +41,7 @@ def test_cli_fills_iqa_from_models_dir(random_checkpoint, tmp_path):
     masked = np.stack([cv2.cvtColor(cv2.imread(str(out / r["masked_file"])), cv2.COLOR_BGR2RGB) for r in rows])
     assert masked.shape[1:] == (384, 384, 3)
     np.testing.assert_allclose(iqa(masked), [r["iqa"] for r in rows], rtol=1e-4, atol=1e-5)
-    assert all(r["score"] == r["iqa"] for r in rows)   # DBCNN: higher is better
+    assert all(r["score"] == r["iqa"] for r in rows)   # the filter rule ranks by DBCNN, higher is better
 
 
 def test_lower_better_metric_is_inverted(tmp_path):

@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Regenerates docs/results/ and the README's "Results" tables (about 15 minutes on 2 cores).
+# Regenerates docs/results/ and the README's "Results" tables (about 10 minutes on 2 cores).
 eval: $(STAMP)
 	$(PY) scripts/eval_selection.py --out docs/results --readme README.md
 	$(PY) scripts/eval_fiqa.py --out docs/results --readme README.md

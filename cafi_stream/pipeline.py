@@ -192,7 +192,7 @@ class _Run:
                 if self.scores is not None:
                     self.scores.update(face)
                 continue
-            # The filter rule needs no IQA for faces it drops; zsum and the exhaustive reference score them all.
+            # The filter rule needs no IQA for faces it drops; zsum/zmin and the exhaustive reference score them all.
             if not (passes or self.exhaustive or self.selector.fusion != "filter"):
                 continue
             if not self.exhaustive:

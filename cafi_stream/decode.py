@@ -69,6 +69,11 @@ class _End:
     def __init__(self, error: BaseException | None = None):
         self.error = error
 
+    def finish(self) -> None:
+        """Re-raise the decoder's error, if it had one, in the consumer."""
+        if self.error is not None:
+            raise self.error
+
 
 def _mp4_top_level_boxes(path: Path, limit: int = 64) -> list[str]:
     types = []
@@ -222,8 +227,7 @@ class Decoder:
             while True:
                 item = await queue.get()
                 if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
+                    item.finish()
                     return
                 yield item
         finally:

@@ -251,8 +251,7 @@ class LiveDecoder:
                         self._start(None)
                     continue
                 if isinstance(item, _End):
-                    if item.error is not None:
-                        raise item.error
+                    item.finish()
                     return
                 yield item
         finally:

@@ -69,23 +69,16 @@ def _print_status(h: dict) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    def pick(**kv):
-        return {k: v for k, v in kv.items() if v is not None}
-
-    return {
-        "output": pick(topk=args.topk, min_gap=args.min_gap),
-        "faces": pick(min_face=args.min_face),
-        "fr": pick(model=args.fr_model),
-        "iqa": pick(name=args.iqa),
-        "decode": pick(max_frames=args.max_frames),
-        "runtime": pick(device=args.device, models_dir=args.models_dir, backend=args.backend),
-        "cascade": pick(exhaustive=args.exhaustive),
-        "rank": pick(method=getattr(args, "ranker", None), fusion=getattr(args, "fusion", None)),
-        "live": pick(loop=getattr(args, "loop", None), transport=getattr(args, "rtsp_transport", None),
-                     open_timeout=getattr(args, "open_timeout", None), read_timeout=getattr(args, "read_timeout", None),
-                     reconnect_max=getattr(args, "reconnect_max", None)),
-        "track": pick(max_gap=getattr(args, "track_timeout", None)),
-    }
+    """{section: {key: value}} for the flags given; a parser that lacks a flag (engines build) just skips it."""
+    flags = {"output": {"topk": "topk", "min_gap": "min_gap"}, "faces": {"min_face": "min_face"},
+             "fr": {"model": "fr_model"}, "iqa": {"name": "iqa"}, "decode": {"max_frames": "max_frames"},
+             "runtime": {"device": "device", "models_dir": "models_dir", "backend": "backend"},
+             "cascade": {"exhaustive": "exhaustive"}, "rank": {"method": "ranker", "fusion": "fusion"},
+             "live": {"loop": "loop", "transport": "rtsp_transport", "open_timeout": "open_timeout",
+                      "read_timeout": "read_timeout", "reconnect_max": "reconnect_max"},
+             "track": {"max_gap": "track_timeout"}}
+    return {section: {key: getattr(args, flag) for key, flag in keys.items() if getattr(args, flag, None) is not None}
+            for section, keys in flags.items()}
 
 
 def build_engines_parser() -> argparse.ArgumentParser:
@@ -111,8 +104,6 @@ def _setup_logging(verbose: bool) -> None:
 def engines_main(argv: list[str]) -> int:
     args = build_engines_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    for name in ("topk", "min_gap", "min_face", "max_frames", "exhaustive"):
-        setattr(args, name, None)
     try:
         from .backend import engines_dir
         from .config import load_config

@@ -80,16 +80,6 @@ def load_dbcnn_checkpoint(net, path: Path) -> None:
         raise ModelError(f"{path}: does not match the DBCNN architecture ({str(e).splitlines()[0]})") from None
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
-    return device
-
-
 def create_iqa(name: str, device: str, models_dir: Path, dbcnn_dataset: str = "koniq", batch: int = 8,
                backend: str = "auto", random_weights: bool = False, size: int = 384) -> IqaModel | None:
     """`name` is "none", "dbcnn" or a pyiqa no-reference metric. `random_weights` builds DBCNN with random

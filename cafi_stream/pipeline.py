@@ -31,7 +31,8 @@ from .cascade import IqaScheduler, sharpness, yaw_ratio
 from .config import Config
 from .decode import Decoder, VideoFrame
 from .detect import FaceDetector, detection_stride
-from .iqa import IqaModel, create_iqa, resolve_device
+from .backend import resolve_device
+from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions, is_live
 from .landmarks import FaceMesher
 from .models import default_models_dir, resolve_fr_model, sha256_of

@@ -14,7 +14,7 @@ import numpy as np
 _BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
 
 
-@dataclass
+@dataclass(eq=False)   # pools hold faces by identity; their numpy fields make field equality meaningless
 class ScoredFace:
     track_id: int
     frame_index: int

@@ -24,8 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cafi_stream.backend import available_backends, create_engine  # noqa: E402
-from cafi_stream.iqa import resolve_device  # noqa: E402
+from cafi_stream.backend import available_backends, create_engine, resolve_device  # noqa: E402
 
 
 def face_crops(size: int, count: int) -> np.ndarray:

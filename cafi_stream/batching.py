@@ -15,11 +15,11 @@ class MicroBatcher(Generic[T, R]):
     `max_wait_ms`. `poll` and `flush` return (item, result) pairs in submission order."""
 
     def __init__(self, fn: Callable[[list[T]], list[R]], max_batch: int, max_wait_ms: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] | None = None):
         self.fn = fn
         self.max_batch = max(1, max_batch)
         self.max_wait = max_wait_ms / 1000.0
-        self.clock = clock
+        self.clock = clock or time.monotonic
         self.items: list[T] = []
         self._since = 0.0
         self.batches = 0

@@ -24,11 +24,20 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cafi-stream", description="Keep the best-quality face images of every person in a video.")
-    p.add_argument("source", help="video file or URL")
-    p.add_argument("--topk", type=int, help="faces kept per track (default 5)")
-    p.add_argument("--out", help="output folder (default cafi_out/<source stem>/)")
+def build_parser(batch: bool = False) -> argparse.ArgumentParser:
+    if batch:
+        p = _Parser(prog="cafi-stream batch", description="Build one face dataset from many videos, resumably.")
+        p.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="video files, folders, globs, or .txt files listing paths or URLs")
+        p.add_argument("--out", required=True, help="dataset folder (rerunning into it resumes)")
+        p.add_argument("--workers", type=int, default=1, help="videos processed at once (local processes)")
+        p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="run one task per video on a Ray cluster (no ADDRESS: a local one)")
+    else:
+        p = _Parser(prog="cafi-stream", description="Keep the best-quality face images of every person in a video.")
+        p.add_argument("source", help="video file or URL")
+        p.add_argument("--out", help="output folder (default cafi_out/<source stem>/)")
+    p.add_argument("--topk", type=int, help="faces kept per track, or per identity with --per identity (default 5)")
     p.add_argument("--config", help="TOML file overlaid on configs/default.toml")
     p.add_argument("--models-dir", help="where model files are found and downloaded to (or $CAFI_MODELS_DIR)")
     p.add_argument("--fr-model", help="face-recognition model: a registry name or an ONNX file (default arcface_r50)")
@@ -45,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores-out", help="write one JSON line per scored face, with whether it was kept")
     p.add_argument("--exhaustive", action="store_true", default=None,
                    help="score every eligible face with the IQA model (slow; the cascade's reference)")
+    ds = p.add_argument_group("dataset")
+    ds.add_argument("--per", choices=["track", "identity"], help="keep the top-k per track (default) or per identity")
+    ds.add_argument("--identity-threshold", type=float,
+                    help="least average embedding cosine between two tracks of one identity (default 0.45)")
+    ds.add_argument("--max-similarity", type=float,
+                    help="largest embedding cosine between two kept faces of a track (default 1: off)")
+    ds.add_argument("--pose-bins", action="store_true", default=None,
+                    help="keep the best frontal, left and right face of a track first")
+    ds.add_argument("--export", action="append", choices=["parquet"], default=[],
+                    help="also write dataset.parquet (every column and the image bytes)")
     live = p.add_argument_group("live sources (rtsp://, http(s)://, /dev/video*, --loop)")
     live.add_argument("--loop", action="store_true", default=None,
                       help="play a file as a live source at its native rate, looping")
@@ -76,7 +95,9 @@ def _overrides(args: argparse.Namespace) -> dict:
              "cascade": {"exhaustive": "exhaustive"}, "rank": {"method": "ranker", "fusion": "fusion"},
              "live": {"loop": "loop", "transport": "rtsp_transport", "open_timeout": "open_timeout",
                       "read_timeout": "read_timeout", "reconnect_max": "reconnect_max"},
-             "track": {"max_gap": "track_timeout"}}
+             "track": {"max_gap": "track_timeout"},
+             "identity": {"per": "per", "threshold": "identity_threshold"},
+             "diversity": {"max_similarity": "max_similarity", "pose_bins": "pose_bins"}}
     return {section: {key: getattr(args, flag) for key, flag in keys.items() if getattr(args, flag, None) is not None}
             for section, keys in flags.items()}
 
@@ -118,10 +139,51 @@ def engines_main(argv: list[str]) -> int:
     return 0
 
 
+def _on_video(source: str, result) -> None:
+    if result.error is not None and result.error != "interrupted":
+        log.error("%s: %s", source, result.error)
+    else:
+        log.info("%s: %s", source, result.error or "done")
+
+
+def batch_main(argv: list[str]) -> int:
+    args = build_parser(batch=True).parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        from .batch import run_batch
+        from .errors import InputError
+        from .config import load_config
+
+        cfg = load_config(args.config, _overrides(args))
+        if args.workers < 1:
+            raise InputError("--workers must be at least 1")
+        r = run_batch(args.inputs, cfg, args.out, workers=args.workers, ray=args.ray is not None,
+                      ray_address=args.ray or None, exports=tuple(args.export), on_video=_on_video)
+    except CafiError as e:
+        log.error("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted: finished videos are kept; rerun the same command to resume")
+        return 130
+    except Exception as e:
+        log.debug("traceback", exc_info=True)
+        log.error("internal error: %s: %s%s", type(e).__name__, e, "" if args.verbose else " (run with -v for details)")
+        return 1
+    if not args.quiet:
+        print(json.dumps({"out_dir": str(r.out_dir), "done": len(r.done), "skipped": len(r.skipped),
+                          "failed": len(r.failed), "faces": r.faces, "identities": r.identities}))
+    if r.interrupted:
+        log.error("interrupted: finished videos are kept; rerun the same command to resume")
+        return 130
+    return 2 if r.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["engines"]:
         return engines_main(argv[1:])
+    if argv[:1] == ["batch"]:
+        return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
@@ -131,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, _overrides(args))
         progress = not args.quiet and sys.stderr.isatty()
         result = run(args.source, cfg, out_dir=args.out, progress=progress, stats_json=args.stats_json,
-                     scores_out=args.scores_out,
+                     scores_out=args.scores_out, exports=tuple(args.export),
                      on_status=None if args.quiet else _print_status)
     except CafiError as e:
         log.error("%s", e)

@@ -77,6 +77,19 @@ class RankConfig:
 
 
 @dataclass
+class DiversityConfig:
+    max_similarity: float
+    pose_bins: bool
+    frontal_yaw: float
+
+
+@dataclass
+class IdentityConfig:
+    threshold: float
+    per: str
+
+
+@dataclass
 class IqaConfig:
     name: str
     dbcnn_dataset: str
@@ -130,6 +143,8 @@ class Config:
     fr: FrConfig
     serfiq: SerfiqConfig
     rank: RankConfig
+    diversity: DiversityConfig
+    identity: IdentityConfig
     iqa: IqaConfig
     cascade: CascadeConfig
     live: LiveConfig
@@ -197,7 +212,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         data = _merge(data, {k: v for k, v in overrides.items() if v}, "command line")
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sources"}
     types = {c.__name__: c for c in (OutputConfig, DecodeConfig, DetectConfig, TrackConfig, FacesConfig,
-                                     FrConfig, SerfiqConfig, RankConfig, IqaConfig, CascadeConfig, LiveConfig,
+                                     FrConfig, SerfiqConfig, RankConfig, DiversityConfig, IdentityConfig, IqaConfig, CascadeConfig, LiveConfig,
                                      RuntimeConfig)}
     cfg = Config(**{name: _coerce(types[t], data[name], name) for name, t in sections.items()}, sources=sources)
     _validate(cfg)
@@ -227,6 +242,9 @@ def _validate(cfg: Config) -> None:
         (cfg.live.reconnect_max >= -1, "reconnect-max must be -1 (unlimited) or more"),
         (cfg.live.queue_size >= 1, "live queue_size must be at least 1"),
         (cfg.track.max_gap > 0, "track timeout must be positive"),
+        (-1 <= cfg.diversity.max_similarity <= 1, "max-similarity must be in [-1, 1]"),
+        (-1 <= cfg.identity.threshold <= 1, "identity threshold must be in [-1, 1]"),
+        (cfg.identity.per in ("track", "identity"), "per must be track or identity"),
     ]
     if isinstance(cfg.serfiq.min_score, str) and cfg.serfiq.min_score != "auto":
         checks.append((False, "serfiq min_score must be a number or \"auto\""))

@@ -36,10 +36,11 @@ from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions, is_live
 from .landmarks import FaceMesher
 from .models import default_models_dir, resolve_fr_model, sha256_of
-from .select import Selector, ScoredFace, SerfiqRule
+from .select import Selector, ScoredFace, SerfiqRule, pose_bin
 from .serfiq import SerFiq
 from .track import FaceTracker
-from .writer import OutputWriter, ScoresLog, atomic_write
+from .dataset import finalize as finalize_output, read_rows
+from .writer import METADATA, OutputWriter, ScoresLog, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ class _Run:
         rule = SerfiqRule(cfg.serfiq.track_quantile, min_score) if self.method == "cafi" else SerfiqRule(0.0)
         self.iqa = models.iqa if self.method == "cafi" else None
         self.selector = Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor,
-                                 fusion=cfg.rank.fusion if self.iqa is not None else "filter")
+                                 fusion=cfg.rank.fusion if self.iqa is not None else "filter",
+                                 max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins)
         self.scores = ScoresLog(scores_out) if scores_out is not None else None
         c = cfg.cascade
         self.exhaustive = c.exhaustive
@@ -151,11 +153,15 @@ class _Run:
                                       exhaustive=c.exhaustive,
                                       could_enter=lambda f: self.selector.could_enter(f.track_id, f.sharpness))
         rt = cfg.runtime
-        self.serfiq_batch = MicroBatcher(self._run_serfiq, rt.max_batch, rt.max_wait_ms)
-        self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms)
+        # Files wait for a batch in video time, so batches (and any float differences between batch sizes) are the
+        # same on every run and machine; live streams wait in wall time, which bounds their latency.
+        clock = None if isinstance(decoder, LiveDecoder) else (lambda: self.now)
+        self.serfiq_batch = MicroBatcher(self._run_serfiq, rt.max_batch, rt.max_wait_ms, clock=clock)
+        self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms, clock=clock)
         self.last_sampled: dict[int, float] = {}
         self.counts: dict[str, int] = defaultdict(int)
         self.opened: dict[int, float] = {}   # open track -> time of its first scored face
+        self.span: dict[int, tuple[float, float]] = {}   # open track -> (first, last) time it was detected
         self.last_snapshot = 0.0
         self.now = 0.0
 
@@ -222,9 +228,10 @@ class _Run:
                 self.scores.close_track(tid, kept, threshold, score)
             self.last_sampled.pop(tid, None)
             self.opened.pop(tid, None)
+            span = self.span.pop(tid, (self.now, self.now))
             if self.tracker.is_real(tid):
                 with self.timer("write"):
-                    self.writer.write_track(tid, kept)
+                    self.writer.write_track(tid, kept, span)
 
     def _gate(self, tid: int, side: float, det_score: float, pts: float) -> str | None:
         """Why a tracked face is not scored, or None."""
@@ -258,6 +265,7 @@ class _Run:
             tid = int(update.track_ids[i])
             if tid < 0:
                 continue
+            self.span[tid] = (self.span.get(tid, (frame.pts_time,))[0], frame.pts_time)
             why = self._gate(tid, float(dets.side[i]), float(dets.confidence[i]), frame.pts_time)
             if why:
                 self.counts[f"gate_{why}"] += 1
@@ -283,7 +291,8 @@ class _Run:
             self.serfiq_batch.add(ScoredFace(
                 track_id=tid, frame_index=frame.index, pts_time=frame.pts_time, bbox=dets.xyxy[i],
                 det_score=float(dets.confidence[i]), landmarks=lm.five, serfiq=math.nan, embedding=None,
-                iqa=None, score=math.nan, sharpness=sharp, yaw=yaw, crops=crops))
+                iqa=None, score=math.nan, sharpness=sharp, yaw=yaw, crops=crops,
+                pose=pose_bin(yaw, cfg.diversity.frontal_yaw)))
         self._pump()
         self._snapshot(frame.pts_time)
 
@@ -296,7 +305,7 @@ class _Run:
         for tid, since in self.opened.items():
             if now - since >= interval:
                 with self.timer("write"):
-                    self.writer.write_snapshot(tid, self.selector.peek(tid))
+                    self.writer.write_snapshot(tid, self.selector.peek(tid), self.span.get(tid, (since, now)))
 
     def health(self) -> dict:
         """Figures for the status line and --stats-json."""
@@ -428,12 +437,15 @@ def open_source(source: str, cfg: Config):
 
 def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Models | None = None,
         progress: bool = False, random_dbcnn: bool = False, on_status=None,
-        stats_json: str | Path | None = None, scores_out: str | Path | None = None) -> RunResult:
+        stats_json: str | Path | None = None, scores_out: str | Path | None = None, finalize: bool = True,
+        exports: tuple[str, ...] = ()) -> RunResult:
     """Process `source` and write its best faces into `out_dir` (default `cafi_out/<source stem>/`).
 
     Bad input raises InputError before any model loads. SIGINT/SIGTERM (in the main thread) stop intake and finish
     cleanly; on any other exit every open track is still written, with the summary, before the error propagates.
     `on_status(dict)` is called every `live.status_interval` seconds for live sources (and `stats_json` rewritten).
+    `finalize` clusters the written faces into identities and writes report.html and `exports` (a batch does that
+    once over all its videos instead).
     """
     t0 = time.perf_counter()
     decoder = open_source(source, cfg)
@@ -472,11 +484,16 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
             bar.close()
         state.finish()
         writer.close()
+        rows = finalize_output(out, read_rows(out / METADATA), cfg, exports, title=source,
+                               prune=True) if finalize else None
         if decoder.stats.truncated:
             log.warning("%s: %s; kept what decoded", source, decoder.stats.truncated)
         summary = state.summary(time.perf_counter() - t0, interrupted or signals.stopping)
         summary["seconds"]["load_models"] = round(load_seconds, 3)
         summary["out_dir"] = str(out)
+        if rows is not None:
+            summary["faces_kept"] = len(rows)
+            summary["identities"] = len({r["identity_id"] for r in rows})
         writer.write_summary(summary)
         if reporter is not None and stats_json is not None:
             reporter.report()

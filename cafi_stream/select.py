@@ -8,6 +8,7 @@ Each track holds a SER-FIQ histogram (fixed size) and a pool of at most topk * p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -30,6 +31,36 @@ class ScoredFace:
     yaw: float = 0.0
     crops: object = None      # align.FaceCrops, encoded only if the face is written
     quality: float = 0.0      # the ranker's measure, higher is better (oriented IQA for cafi)
+    pose: str = "frontal"     # frontal | left | right (pose_bin of yaw)
+
+
+POSES = ("frontal", "left", "right")
+
+
+def pose_bin(yaw: float, frontal_yaw: float) -> str:
+    """Pose bin of a yaw ratio (cascade.yaw_ratio): "left"/"right" are the side the nose points to in the image."""
+    if abs(yaw) <= frontal_yaw:
+        return "frontal"
+    return "right" if yaw > 0 else "left"
+
+
+def pick_diverse(ranked: list, topk: int, fits: Callable[[object, list], bool],
+                 pose: Callable[[object], str] | None = None) -> list:
+    """Greedy best-first top-k of `ranked` (best first) where each pick `fits` those before it. With `pose`, the
+    best fitting item of each pose bin is taken first (bins in the order of their best item). Best first."""
+    kept: list = []
+    if pose is not None:
+        for p in dict.fromkeys(pose(x) for x in ranked):
+            x = next((x for x in ranked if pose(x) == p and fits(x, kept)), None)
+            if x is not None and len(kept) < topk:
+                kept.append(x)
+    for x in ranked:
+        if len(kept) == topk:
+            break
+        if not any(x is k for k in kept) and fits(x, kept):
+            kept.append(x)
+    order = {id(x): i for i, x in enumerate(ranked)}
+    return sorted(kept, key=lambda x: order[id(x)])
 
 
 @dataclass
@@ -72,9 +103,13 @@ class Running:
 
 
 class TrackPool:
-    def __init__(self, capacity: int, min_gap: float):
+    """Up to `capacity` candidates `min_gap` apart; with `by_pose`, up to `capacity` per pose bin, so that a track's
+    best side views are still there when the final choice wants varied views."""
+
+    def __init__(self, capacity: int, min_gap: float, by_pose: bool = False):
         self.capacity = capacity
         self.min_gap = min_gap
+        self.by_pose = by_pose
         self.hist = np.zeros(_BINS, np.int32)
         self.serfiq = Running()
         self.quality = Running()
@@ -89,12 +124,13 @@ class TrackPool:
         near = [f for f in self.faces if abs(f.pts_time - face.pts_time) < self.min_gap]
         if any(f.score >= face.score for f in near):
             return False
-        if len(self.faces) - len(near) >= self.capacity and face.score <= min(
-                f.score for f in self.faces if f not in near):
+        rest = [f for f in self.faces if f not in near]
+        same = [f for f in rest if not self.by_pose or f.pose == face.pose]
+        if len(same) >= self.capacity and face.score <= min(f.score for f in same):
             return False
-        self.faces = [f for f in self.faces if f not in near] + [face]
-        if len(self.faces) > self.capacity:
-            self.faces.remove(min(self.faces, key=lambda f: f.score))
+        self.faces = rest + [face]
+        if len(same) >= self.capacity:
+            self.faces.remove(min(same, key=lambda f: f.score))
         return True
 
 
@@ -102,10 +138,13 @@ class Selector:
     """`fusion` "filter": SER-FIQ rule, then rank by quality. "zsum" / "zmin": rank by the sum / the smaller of
     the per-track z-scores of SER-FIQ and quality, with no hard filter (`rule.min_score` still applies)."""
 
-    def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3, fusion: str = "filter"):
+    def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3, fusion: str = "filter",
+                 max_similarity: float = 1.0, pose_bins: bool = False):
         self.topk = topk
         self.min_gap = min_gap
         self.fusion = fusion
+        self.max_similarity = max_similarity   # cosine between the embeddings of two kept faces (1: off)
+        self.pose_bins = pose_bins             # keep the best face of each pose bin first
         self.rule = rule if fusion == "filter" else SerfiqRule(quantile=0.0, min_score=rule.min_score)
         self.capacity = topk * pool_factor
         self.pools: dict[int, TrackPool] = {}
@@ -115,7 +154,7 @@ class Selector:
     def _pool(self, track_id: int) -> TrackPool:
         pool = self.pools.get(track_id)
         if pool is None:
-            pool = self.pools[track_id] = TrackPool(self.capacity, self.min_gap)
+            pool = self.pools[track_id] = TrackPool(self.capacity, self.min_gap, self.pose_bins)
         return pool
 
     def _fused(self, pool: TrackPool, serfiq: float, quality: float) -> float:
@@ -137,7 +176,7 @@ class Selector:
     def offer_fallback(self, face: ScoredFace) -> bool:
         pool = self.fallback.get(face.track_id)
         if pool is None:
-            pool = self.fallback[face.track_id] = TrackPool(self.topk, self.min_gap)
+            pool = self.fallback[face.track_id] = TrackPool(self.capacity, self.min_gap, self.pose_bins)
         return pool.offer(face)
 
     def could_enter(self, track_id: int, proxy: float) -> bool:
@@ -177,13 +216,16 @@ class Selector:
         faces = [f for f in pool.faces if f.serfiq >= threshold]
         if not faces and fallback is not None:
             faces = [f for f in fallback.faces if f.serfiq >= threshold]
-        kept: list[ScoredFace] = []
-        for face in sorted(faces, key=lambda f: -f.score):
-            if all(abs(face.pts_time - k.pts_time) >= self.min_gap for k in kept):
-                kept.append(face)
-            if len(kept) == self.topk:
-                break
-        return [KeptFace(face, rank) for rank, face in enumerate(kept, 1)]
+        return [KeptFace(face, rank) for rank, face in enumerate(self._diverse(faces), 1)]
+
+    def _fits(self, face: ScoredFace, kept: list[ScoredFace]) -> bool:
+        return all(abs(face.pts_time - k.pts_time) >= self.min_gap and
+                   (self.max_similarity >= 1 or float(np.dot(face.embedding, k.embedding)) <= self.max_similarity)
+                   for k in kept)
+
+    def _diverse(self, faces: list[ScoredFace]) -> list[ScoredFace]:
+        return pick_diverse(sorted(faces, key=lambda f: -f.score), self.topk, self._fits,
+                            (lambda f: f.pose) if self.pose_bins else None)
 
     @property
     def open_tracks(self) -> list[int]:

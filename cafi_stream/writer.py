@@ -87,10 +87,13 @@ class OutputWriter:
                 if isinstance(name, str) and ".." not in Path(name).parts:
                     (self.out_dir / name).unlink(missing_ok=True)
 
-    def _rows(self, track_id: int, kept: list[KeptFace], live: bool) -> list[dict]:
+    def _rows(self, track_id: int, kept: list[KeptFace], live: bool, span: tuple[float, float]) -> list[dict]:
         """Write the faces' images (once per file name) and return their metadata rows."""
         rows = []
-        for k in kept:
+        emb = np.stack([k.face.embedding for k in kept])
+        sim = emb @ emb.T
+        np.fill_diagonal(sim, -np.inf)
+        for k, similarity in zip(kept, sim.max(axis=1)):
             f = k.face
             names = {kind: (f"live/{sub}_t{track_id:06d}_f{f.frame_index:07d}{ext}" if live else
                             f"{sub}/t{track_id:06d}_f{f.frame_index:07d}{ext}")
@@ -104,15 +107,18 @@ class OutputWriter:
                 source=self.source, track_id=track_id, rank=k.rank, frame_index=f.frame_index,
                 pts_time=round(f.pts_time, 4), bbox=_round(f.bbox), det_score=round(f.det_score, 4),
                 landmarks=_round(f.landmarks), serfiq=float(f.serfiq), iqa_model=self.iqa_name,
-                iqa=None if f.iqa is None else float(f.iqa), score=float(f.score),
-                sharpness=round(f.sharpness, 2), yaw=round(f.yaw, 3), embedding=_round(f.embedding, 6))
+                iqa=None if f.iqa is None else float(f.iqa), quality=float(f.quality), score=float(f.score),
+                sharpness=round(f.sharpness, 2), yaw=round(f.yaw, 3), pose=f.pose,
+                similarity=round(float(similarity), 4) if len(kept) > 1 else None,
+                track_start=round(span[0], 4), track_end=round(span[1], 4), embedding=_round(f.embedding, 6))
             rows.append(row)
         return rows
 
-    def write_track(self, track_id: int, kept: list[KeptFace]) -> None:
-        """Images first, then the track's rows in one append, so no row ever names a missing file."""
+    def write_track(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> None:
+        """Images first, then the track's rows in one append, so no row ever names a missing file. `span` is the
+        (first, last) time the track was seen."""
         if kept:
-            lines = "".join(json.dumps(row) + "\n" for row in self._rows(track_id, kept, live=False))
+            lines = "".join(json.dumps(row) + "\n" for row in self._rows(track_id, kept, False, span))
             self._meta.write(lines)
             self._meta.flush()
             os.fsync(self._meta.fileno())
@@ -120,12 +126,12 @@ class OutputWriter:
             self.tracks += 1
         self.drop_snapshot(track_id)
 
-    def write_snapshot(self, track_id: int, kept: list[KeptFace]) -> None:
+    def write_snapshot(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> None:
         """A still-open track's best-so-far: live/track_<id>.json (replaced atomically) and its images; images
         of the previous snapshot that it no longer names are removed after the switch."""
         if not kept:
             return
-        rows = self._rows(track_id, kept, live=True)
+        rows = self._rows(track_id, kept, True, span)
         atomic_write(self.out_dir / "live" / f"track_{track_id:06d}.json", (json.dumps(rows) + "\n").encode())
         files = {row[column] for row in rows for _, column, _ in IMAGE_DIRS.values()}
         for stale in self._snapshots.get(track_id, set()) - files:

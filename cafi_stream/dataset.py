@@ -1,0 +1,75 @@
+"""The dataset view of an output folder, made once its faces are written: identities, top-k per identity,
+`metadata.jsonl` (what `datasets.load_dataset("imagefolder", data_dir=OUT)` reads), `report.html` and Parquet."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .config import Config
+from .identity import assign_identities, top_per_identity
+from .report import write_report
+from .writer import IMAGE_DIRS, METADATA, atomic_write
+
+log = logging.getLogger(__name__)
+
+PARQUET = "dataset.parquet"   # not metadata.parquet: imagefolder would take that for a second metadata file
+EXPORTS = ("parquet",)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a metadata file; a line cut short by a crash is skipped with a warning."""
+    rows = []
+    if not path.exists():
+        return rows
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d: skipping an incomplete row", path, n)
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def image_files(row: dict) -> list[str]:
+    return [row[column] for _, column, _ in IMAGE_DIRS.values() if isinstance(row.get(column), str)]
+
+
+def finalize(out_dir: Path, rows: list[dict], cfg: Config, exports=(), title: str = "", prune: bool = False
+             ) -> list[dict]:
+    """Cluster `rows` into identities, keep the top-k per identity if configured (`prune`: delete the files of the
+    rows that are dropped), then write metadata.jsonl, report.html and the requested exports. Returns the rows."""
+    assign_identities(rows, cfg.identity.threshold)
+    if cfg.identity.per == "identity":
+        fusion = cfg.rank.fusion if any(r.get("iqa_model") for r in rows) and cfg.rank.method == "cafi" else "filter"
+        kept = top_per_identity(rows, cfg.output.topk, fusion, cfg.output.min_gap, cfg.diversity.max_similarity,
+                                cfg.diversity.pose_bins)
+        if prune:
+            keep = {name for r in kept for name in image_files(r)}
+            for name in {name for r in rows for name in image_files(r)} - keep:
+                (out_dir / name).unlink(missing_ok=True)
+        rows = kept
+    write_rows(out_dir / METADATA, rows)
+    write_report(out_dir, rows, title, by=cfg.identity.per)
+    if "parquet" in exports:
+        write_parquet(out_dir / PARQUET, out_dir, rows)
+    return rows
+
+
+def write_parquet(path: Path, root: Path, rows: list[dict]) -> None:
+    """Every metadata column plus `image` (the context crop's bytes, a `datasets.Image` feature), so the table
+    stands alone: `datasets.load_dataset("parquet", data_files=...)` gives decoded images."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    table = [dict(r, image={"bytes": (root / r["file_name"]).read_bytes(), "path": r["file_name"]}) for r in rows]
+    if not table:
+        log.warning("%s: no faces to export", path)
+    ds = datasets.Dataset.from_list(table).cast_column("image", datasets.Image())
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.to_parquet(str(tmp))
+    tmp.replace(path)

@@ -1,0 +1,111 @@
+"""Identities: tracks clustered by their SER-FIQ embeddings, within a video and across a batch, and the top-k
+per identity. Works on metadata rows, so a batch can re-cluster finished videos without re-running them."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from .select import pick_diverse
+
+
+def _track_key(row: dict) -> tuple:
+    return row.get("video", ""), row["track_id"]
+
+
+def cluster(vectors: np.ndarray, threshold: float, cannot: np.ndarray | None = None) -> np.ndarray:
+    """Average-linkage agglomerative clustering of unit `vectors` (n, E) by cosine similarity; clusters merge while
+    their average pairwise cosine is at least `threshold`, never across a `cannot[i, j]` pair. Returns a label per
+    vector (the index of one member). The average pairwise cosine of two clusters is the dot product of their
+    vector sums over the product of their sizes, so each merge costs O(n E)."""
+    n = len(vectors)
+    sums = np.asarray(vectors, np.float64).copy()
+    sizes = np.ones(n)
+    blocked = np.zeros((n, n), bool) if cannot is None else cannot.copy()
+    np.fill_diagonal(blocked, True)
+    sim = np.where(blocked, -np.inf, sums @ sums.T)
+    labels = np.arange(n)
+    while n > 1:
+        i, j = np.unravel_index(int(np.argmax(sim)), sim.shape)
+        if not sim[i, j] >= threshold:
+            break
+        sums[i] += sums[j]
+        sizes[i] += sizes[j]
+        labels[labels == j] = i
+        blocked[i] |= blocked[j]
+        blocked[:, i] = blocked[i]
+        blocked[j, :] = blocked[:, j] = True
+        row = np.where(blocked[i], -np.inf, sums @ sums[i] / (sizes * sizes[i]))
+        sim[i, :] = sim[:, i] = row
+        sim[j, :] = sim[:, j] = -np.inf
+    return labels
+
+
+def assign_identities(rows: list[dict], threshold: float) -> None:
+    """Set `identity_id` (1, 2, ... in order of first appearance) on every row. A track is its kept faces' mean
+    embedding; two tracks of one video whose time spans overlap are two people."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[_track_key(row)].append(row)
+    keys = list(groups)
+    if not keys:
+        return
+    means = np.stack([np.mean([r["embedding"] for r in groups[k]], axis=0) for k in keys])
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    video = np.array([k[0] for k in keys], dtype=object)
+    start = np.array([groups[k][0].get("track_start", 0.0) for k in keys])
+    end = np.array([groups[k][0].get("track_end", 0.0) for k in keys])
+    cannot = (video[:, None] == video[None, :]) & (start[:, None] <= end[None, :]) & (start[None, :] <= end[:, None])
+    labels = cluster(means, threshold, cannot)
+    ids: dict[int, int] = {}
+    for key, label in zip(keys, labels):
+        identity = ids.setdefault(int(label), len(ids) + 1)
+        for row in groups[key]:
+            row["identity_id"] = identity
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    std = x.std()
+    return (x - x.mean()) / std if std > 1e-12 else np.zeros_like(x)
+
+
+def identity_scores(rows: list[dict], fusion: str) -> np.ndarray:
+    """The per-track fusion rule applied over one identity's rows (its z-scores are the identity's)."""
+    s = np.array([r["serfiq"] for r in rows], np.float64)
+    q = np.array([r["quality"] for r in rows], np.float64)
+    if fusion == "zsum":
+        return _z(s) + _z(q)
+    if fusion == "zmin":
+        return np.minimum(_z(s), _z(q))
+    return q
+
+
+def top_per_identity(rows: list[dict], topk: int, fusion: str, min_gap: float, max_similarity: float,
+                     pose_bins: bool) -> list[dict]:
+    """The top-k rows of each identity from its tracks' kept rows, under the same diversity rules as a track
+    (`min_gap` between faces of one video). Rows keep their order; `rank` becomes the rank in the identity and
+    `score` the identity-level score."""
+    by_identity: dict[int, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_identity[row["identity_id"]].append(row)
+
+    def fits(row: dict, kept: list[dict]) -> bool:
+        return all((row.get("video") != k.get("video") or abs(row["pts_time"] - k["pts_time"]) >= min_gap) and
+                   (max_similarity >= 1 or float(np.dot(row["embedding"], k["embedding"])) <= max_similarity)
+                   for k in kept)
+
+    chosen: dict[int, tuple[int, float]] = {}
+    for members in by_identity.values():
+        scores = identity_scores(members, fusion)
+        ranked = [members[i] for i in np.argsort(-scores, kind="stable")]
+        picked = pick_diverse(ranked, topk, fits, (lambda r: r.get("pose", "frontal")) if pose_bins else None)
+        score_of = {id(r): float(s) for r, s in zip(members, scores)}
+        for rank, row in enumerate(picked, 1):
+            chosen[id(row)] = (rank, score_of[id(row)])
+    out = []
+    for row in rows:
+        if id(row) in chosen:
+            rank, score = chosen[id(row)]
+            out.append(dict(row, rank=rank, score=score))
+    return out

@@ -57,7 +57,7 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
     ds = p.add_argument_group("dataset")
     ds.add_argument("--per", choices=["track", "identity"], help="keep the top-k per track (default) or per identity")
     ds.add_argument("--identity-threshold", type=float,
-                    help="least average embedding cosine between two tracks of one identity (default 0.45)")
+                    help="least average embedding cosine between two tracks of one identity (default 0.35)")
     ds.add_argument("--max-similarity", type=float,
                     help="largest embedding cosine between two kept faces of a track (default 1: off)")
     ds.add_argument("--pose-bins", action="store_true", default=None,

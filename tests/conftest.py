@@ -64,3 +64,47 @@ def read_rgb(path: Path) -> np.ndarray:
     import cv2
 
     return np.ascontiguousarray(cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+
+
+def looped_copy(src: Path, dst: Path, times: int) -> Path:
+    """`src` played `times` times in one file: its video packets remuxed with shifted timestamps (no re-encode)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        ist = inp.streams.video[0]
+        ost = out.add_stream_from_template(ist)
+        offset = 0
+        for _ in range(times):
+            inp.seek(0)
+            last = 0
+            for pkt in inp.demux(ist):
+                if pkt.dts is None:
+                    continue
+                last = max(last, pkt.pts + pkt.duration, pkt.dts + pkt.duration)
+                pkt.pts += offset
+                pkt.dts += offset
+                pkt.stream = ost
+                out.mux(pkt)
+            offset += last
+    return dst
+
+
+def still_video(photo: Path, dst: Path, seconds: float = 2.0, fps: int = 10) -> Path:
+    """A 640x360 H.264 video of one photo (letterboxed), for identity tests across videos."""
+    import av
+    import cv2
+
+    img = read_rgb(photo)
+    scale = min(640 / img.shape[1], 360 / img.shape[0])
+    small = cv2.resize(img, (int(img.shape[1] * scale) // 2 * 2, int(img.shape[0] * scale) // 2 * 2),
+                       interpolation=cv2.INTER_AREA)
+    frame = np.zeros((360, 640, 3), np.uint8)
+    y, x = (360 - small.shape[0]) // 2, (640 - small.shape[1]) // 2
+    frame[y:y + small.shape[0], x:x + small.shape[1]] = small
+    with av.open(str(dst), "w") as out:
+        st = out.add_stream("libx264", rate=fps, options={"crf": "18"})
+        st.width, st.height, st.pix_fmt = 640, 360, "yuv420p"
+        for _ in range(int(seconds * fps)):
+            out.mux(st.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(st.encode())
+    return dst

@@ -14,10 +14,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray]'
 	@# pyiqa, facexlib and mediapipe each install a cv2 build into the same folder: the headless one must win.
 	$(PY) -m pip install -q --no-deps --force-reinstall -c constraints.txt opencv-python-headless
-	$(PY) -c "import cv2, mediapipe, av, onnxruntime, pyiqa, norfair; print('cv2', cv2.__version__)"
+	$(PY) -c "import cv2, mediapipe, av, onnxruntime, pyiqa, norfair, datasets, pyarrow, ray, selenium; print('cv2', cv2.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)

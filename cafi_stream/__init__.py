@@ -5,7 +5,7 @@ from .errors import CafiError, InputError, ModelError
 
 __version__ = "0.1.0"
 
-__all__ = ["CafiError", "Config", "InputError", "ModelError", "load_config", "run"]
+__all__ = ["CafiError", "Config", "InputError", "ModelError", "load_config", "run", "run_batch"]
 
 
 def run(source, config=None, out_dir=None, **kwargs):
@@ -13,3 +13,10 @@ def run(source, config=None, out_dir=None, **kwargs):
     from .pipeline import run as _run
 
     return _run(source, config if config is not None else load_config(), out_dir=out_dir, **kwargs)
+
+
+def run_batch(inputs, config=None, out_dir="cafi_dataset", **kwargs):
+    """Process many videos into one dataset folder, resumably; see `cafi_stream.batch.run_batch`."""
+    from .batch import run_batch as _run_batch
+
+    return _run_batch(list(inputs), config if config is not None else load_config(), out_dir, **kwargs)

@@ -13,6 +13,7 @@ redoes at most the videos that were in progress, and the dataset files are alway
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -41,6 +42,7 @@ LIST_EXTS = {".txt", ".lst", ".list"}
 VIDEO_ROWS = "video.jsonl"   # a batch video's rows; only the dataset-level metadata.jsonl is an imagefolder index
 MANIFEST = "manifest.jsonl"
 HEAD_BYTES = 4 << 20
+MERGE_INTERVAL = 60.0   # seconds between rebuilds of the dataset files while a batch runs (and once at its end)
 # Sections that change what a video's own output is. [identity] and the exports only change the merge, which is
 # redone on every run; [live] and [runtime] change how fast, not what.
 _VIDEO_SECTIONS = ("output", "decode", "detect", "track", "faces", "fr", "serfiq", "rank", "diversity", "iqa",
@@ -183,6 +185,19 @@ def process_video(job: Job, cfg: Config, work_dir: str, models=None) -> VideoRes
     return VideoResult(job.key, summary=result.summary)
 
 
+def _serial_run(todo: list[Job], cfg: Config, work: Path, random_dbcnn: bool, commit, stop) -> None:
+    from .pipeline import Models
+
+    models = Models.load(cfg, random_dbcnn=random_dbcnn)
+    try:
+        for job in todo:
+            commit(job, process_video(job, cfg, str(work), models))
+            if stop():
+                break
+    finally:
+        models.close()
+
+
 def _pool_run(todo: list[Job], cfg: Config, work: Path, workers: int, random_dbcnn: bool, commit) -> None:
     import multiprocessing
 
@@ -225,9 +240,10 @@ def _ray_run(todo: list[Job], cfg: Config, work: Path, address: str | None, work
     actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_RayWorker)
     actors = [actor.remote(cfg, random_dbcnn) for _ in range(min(n, len(todo)))]
     pool = ActorPool(actors)
+    by_key = {j.key: j for j in todo}
     try:
         for result in pool.map_unordered(lambda a, job: a.process.remote(job, cfg, str(work)), todo):
-            commit(next(j for j in todo if j.key == result.key), result)
+            commit(by_key[result.key], result)
     finally:
         for a in actors:
             ray.kill(a)
@@ -255,6 +271,11 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
     chash = config_hash(cfg)
     videos, work = out / "videos", out / ".work"
     videos.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"another batch is writing to {out}") from None
     shutil.rmtree(work, ignore_errors=True)   # what a killed run left half done
     work.mkdir()
     manifest = Manifest(out)
@@ -266,8 +287,11 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
     done: list[str] = []
     failed: dict[str, str] = {}
     interrupted = False
+    last_merge = time.monotonic()
 
     def merge(exports=()) -> list[dict]:
+        nonlocal last_merge
+        last_merge = time.monotonic()
         return _merge(out, [j for j in jobs if manifest.done(j, chash, videos)], cfg, exports)
 
     def commit(job: Job, result: VideoResult) -> None:
@@ -281,32 +305,26 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
             if final.exists():   # made with another config or from an older file: replaced whole
                 shutil.rmtree(final)
             (work / job.key).replace(final)
+            result.summary["out_dir"] = str(final)
+            atomic_write(final / SUMMARY, (json.dumps(result.summary, indent=2) + "\n").encode())
             manifest.record({"key": job.key, "source": job.source, "fingerprint": list(job.fingerprint),
                              "config": chash, "faces": len(read_rows(final / VIDEO_ROWS)),
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             done.append(job.source)
-            merge()
+            if time.monotonic() - last_merge >= MERGE_INTERVAL:   # the dataset files follow a long batch
+                merge()
         if on_video is not None:
             on_video(job.source, result)
 
-    if not todo:
-        pass
-    elif ray:
-        _ray_run(todo, cfg, work, ray_address, workers if workers > 1 else 0, random_dbcnn, commit)
-    elif workers > 1 and len(todo) > 1:
-        _pool_run(todo, cfg, work, min(workers, len(todo)), random_dbcnn, commit)
-    else:
-        from .pipeline import Models
-
-        models = Models.load(cfg, random_dbcnn=random_dbcnn)
-        try:
-            for job in todo:
-                commit(job, process_video(job, cfg, str(work), models))
-                if interrupted:
-                    break
-        finally:
-            models.close()
-    rows = merge(exports)
+    try:
+        if todo and ray:
+            _ray_run(todo, cfg, work, ray_address, workers if workers > 1 else 0, random_dbcnn, commit)
+        elif todo and workers > 1 and len(todo) > 1:
+            _pool_run(todo, cfg, work, min(workers, len(todo)), random_dbcnn, commit)
+        elif todo:
+            _serial_run(todo, cfg, work, random_dbcnn, commit, stop=lambda: interrupted)
+    finally:   # also after Ctrl-C: the dataset files show every committed video
+        rows = merge(exports)
     summary = {"version": __version__, "out_dir": str(out), "config_hash": chash, "config": cfg.to_dict(),
                "videos": [{"source": j.source, "key": j.key,
                            "status": "failed" if j.source in failed else "done" if j.source in done
@@ -315,6 +333,7 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
                "faces": len(rows), "identities": len({r["identity_id"] for r in rows})}
     atomic_write(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     shutil.rmtree(work, ignore_errors=True)
+    lock.close()
     return BatchResult(out, done, skipped, failed, summary["faces"], summary["identities"], interrupted)
 
 

@@ -139,41 +139,58 @@ def engines_main(argv: list[str]) -> int:
     return 0
 
 
-def _on_video(source: str, result) -> None:
-    if result.error is not None and result.error != "interrupted":
-        log.error("%s: %s", source, result.error)
-    else:
-        log.info("%s: %s", source, result.error or "done")
+def _on_video(quiet: bool):
+    def report(source: str, result) -> None:
+        if result.error is not None and result.error != "interrupted":
+            log.error("%s: %s", source, result.error)
+        elif result.summary is not None and not quiet:
+            s = result.summary
+            sys.stderr.write(f"cafi-stream: done: {source}: {s['frames']} frames, {s['faces_kept']} faces, "
+                             f"{s['fps']} fps\n")
+    return report
+
+
+_RESUME = "interrupted: finished videos are kept; rerun the same command to resume"
+
+
+def _guarded(work, verbose: bool, interrupted: str = "interrupted"):
+    """(work(), 0), or (None, exit code) after one stderr line: the traceback only with -v."""
+    try:
+        return work(), 0
+    except CafiError as e:
+        log.error("%s", e)
+        return None, e.exit_code
+    except KeyboardInterrupt:
+        log.error("%s", interrupted)
+        return None, 130
+    except Exception as e:   # an internal error
+        log.debug("traceback", exc_info=True)
+        log.error("internal error: %s: %s%s", type(e).__name__, e, "" if verbose else " (run with -v for details)")
+        return None, 1
 
 
 def batch_main(argv: list[str]) -> int:
     args = build_parser(batch=True).parse_args(argv)
     _setup_logging(args.verbose)
-    try:
+    if args.workers < 1:
+        build_parser(batch=True).error("--workers must be at least 1")
+
+    def work():
         from .batch import run_batch
-        from .errors import InputError
         from .config import load_config
 
-        cfg = load_config(args.config, _overrides(args))
-        if args.workers < 1:
-            raise InputError("--workers must be at least 1")
-        r = run_batch(args.inputs, cfg, args.out, workers=args.workers, ray=args.ray is not None,
-                      ray_address=args.ray or None, exports=tuple(args.export), on_video=_on_video)
-    except CafiError as e:
-        log.error("%s", e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted: finished videos are kept; rerun the same command to resume")
-        return 130
-    except Exception as e:
-        log.debug("traceback", exc_info=True)
-        log.error("internal error: %s: %s%s", type(e).__name__, e, "" if args.verbose else " (run with -v for details)")
-        return 1
+        return run_batch(args.inputs, load_config(args.config, _overrides(args)), args.out, workers=args.workers,
+                         ray=args.ray is not None, ray_address=args.ray or None, exports=tuple(args.export),
+                         on_video=_on_video(args.quiet))
+
+    r, code = _guarded(work, args.verbose, _RESUME)
+    if r is None:
+        return code
     if not args.quiet:
         print(json.dumps({"out_dir": str(r.out_dir), "done": len(r.done), "skipped": len(r.skipped),
                           "failed": len(r.failed), "faces": r.faces, "identities": r.identities}))
     if r.interrupted:
-        log.error("interrupted: finished videos are kept; rerun the same command to resume")
+        log.error("%s", _RESUME)
         return 130
     return 2 if r.failed else 0
 
@@ -186,29 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    try:
+
+    def work():
         from .config import load_config
         from .pipeline import run
 
-        cfg = load_config(args.config, _overrides(args))
         progress = not args.quiet and sys.stderr.isatty()
-        result = run(args.source, cfg, out_dir=args.out, progress=progress, stats_json=args.stats_json,
-                     scores_out=args.scores_out, exports=tuple(args.export),
-                     on_status=None if args.quiet else _print_status)
-    except CafiError as e:
-        log.error("%s", e)
-        return e.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
-    except Exception as e:   # an internal error: one line, the traceback only with -v
-        log.debug("traceback", exc_info=True)
-        log.error("internal error: %s: %s%s", type(e).__name__, e, "" if args.verbose else " (run with -v for details)")
-        return 1
+        return run(args.source, load_config(args.config, _overrides(args)), out_dir=args.out, progress=progress,
+                   stats_json=args.stats_json, scores_out=args.scores_out, exports=tuple(args.export),
+                   on_status=None if args.quiet else _print_status)
+
+    result, code = _guarded(work, args.verbose)
+    if result is None:
+        return code
     s = result.summary
     if not args.quiet:
         print(json.dumps({"out_dir": str(result.out_dir), "frames": s["frames"], "tracks": s["tracks"],
-                          "faces_kept": s["faces_kept"], "fps": s["fps"]}))
+                          "faces_kept": s["faces_kept"], "identities": s["identities"], "fps": s["fps"]}))
     return 0
 
 

@@ -211,9 +211,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     if overrides:
         data = _merge(data, {k: v for k, v in overrides.items() if v}, "command line")
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sources"}
-    types = {c.__name__: c for c in (OutputConfig, DecodeConfig, DetectConfig, TrackConfig, FacesConfig,
-                                     FrConfig, SerfiqConfig, RankConfig, DiversityConfig, IdentityConfig, IqaConfig, CascadeConfig, LiveConfig,
-                                     RuntimeConfig)}
+    types = {c.__name__: c for c in (OutputConfig, DecodeConfig, DetectConfig, TrackConfig, FacesConfig, FrConfig,
+                                     SerfiqConfig, RankConfig, DiversityConfig, IdentityConfig, IqaConfig,
+                                     CascadeConfig, LiveConfig, RuntimeConfig)}
     cfg = Config(**{name: _coerce(types[t], data[name], name) for name, t in sections.items()}, sources=sources)
     _validate(cfg)
     return cfg

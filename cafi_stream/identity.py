@@ -17,28 +17,46 @@ def _track_key(row: dict) -> tuple:
 def cluster(vectors: np.ndarray, threshold: float, cannot: np.ndarray | None = None) -> np.ndarray:
     """Average-linkage agglomerative clustering of unit `vectors` (n, E) by cosine similarity; clusters merge while
     their average pairwise cosine is at least `threshold`, never across a `cannot[i, j]` pair. Returns a label per
-    vector (the index of one member). The average pairwise cosine of two clusters is the dot product of their
-    vector sums over the product of their sizes, so each merge costs O(n E)."""
+    vector (the index of one member).
+
+    The average pairwise cosine of two clusters is the dot product of their vector sums over the product of their
+    sizes, so a merge updates one row in O(n E); each row's best partner is cached, so finding the next merge is
+    O(n) rather than O(n^2)."""
     n = len(vectors)
+    labels = np.arange(n)
+    if n < 2:
+        return labels
     sums = np.asarray(vectors, np.float64).copy()
     sizes = np.ones(n)
     blocked = np.zeros((n, n), bool) if cannot is None else cannot.copy()
     np.fill_diagonal(blocked, True)
     sim = np.where(blocked, -np.inf, sums @ sums.T)
-    labels = np.arange(n)
-    while n > 1:
-        i, j = np.unravel_index(int(np.argmax(sim)), sim.shape)
-        if not sim[i, j] >= threshold:
+    best = sim.argmax(axis=1)
+    best_sim = sim[np.arange(n), best]
+
+    def refresh(rows):
+        best[rows] = sim[rows].argmax(axis=1)
+        best_sim[rows] = sim[rows, best[rows]]
+
+    while True:
+        i = int(np.argmax(best_sim))
+        if not best_sim[i] >= threshold:
             break
+        j = int(best[i])
         sums[i] += sums[j]
         sizes[i] += sizes[j]
         labels[labels == j] = i
         blocked[i] |= blocked[j]
         blocked[:, i] = blocked[i]
         blocked[j, :] = blocked[:, j] = True
-        row = np.where(blocked[i], -np.inf, sums @ sums[i] / (sizes * sizes[i]))
-        sim[i, :] = sim[:, i] = row
+        sim[i, :] = sim[:, i] = np.where(blocked[i], -np.inf, sums @ sums[i] / (sizes * sizes[i]))
         sim[j, :] = sim[:, j] = -np.inf
+        best_sim[j] = -np.inf
+        raised = sim[:, i] > best_sim
+        best[raised], best_sim[raised] = i, sim[raised, i]
+        stale = np.flatnonzero((best == i) | (best == j))
+        refresh(np.union1d(stale, [i]))
+        best_sim[j] = -np.inf
     return labels
 
 
@@ -73,7 +91,9 @@ def _z(x: np.ndarray) -> np.ndarray:
 def identity_scores(rows: list[dict], fusion: str) -> np.ndarray:
     """The per-track fusion rule applied over one identity's rows (its z-scores are the identity's)."""
     s = np.array([r["serfiq"] for r in rows], np.float64)
-    q = np.array([r["quality"] for r in rows], np.float64)
+    # A face its track kept without an IQA call (the cascade's SER-FIQ fallback) counts as average quality.
+    q = np.array([np.nan if r.get("iqa_model") and r.get("iqa") is None else r["quality"] for r in rows], np.float64)
+    q = np.nan_to_num(q, nan=float(np.nanmean(q)) if np.isfinite(q).any() else 0.0)
     if fusion == "zsum":
         return _z(s) + _z(q)
     if fusion == "zmin":

@@ -80,7 +80,7 @@ def looped_copy(src: Path, dst: Path, times: int) -> Path:
             for pkt in inp.demux(ist):
                 if pkt.dts is None:
                     continue
-                last = max(last, pkt.pts + pkt.duration, pkt.dts + pkt.duration)
+                last = max(last, pkt.pts + (pkt.duration or 0))
                 pkt.pts += offset
                 pkt.dts += offset
                 pkt.stream = ost

@@ -93,3 +93,33 @@ def test_not_an_onnx_model_exits_2(tmp_path):
     fake.write_bytes(b"\x00garbage" * 100)
     proc = run_cli(VIDEO, "--out", tmp_path / "out", "--iqa", "none", "--fr-model", fake, "--quiet")
     assert_one_line(proc, 2, "ONNX")
+
+
+def test_batch_missing_input_fails_before_any_work(tmp_path):
+    proc = run_cli("batch", VIDEO, tmp_path / "nothing-*.mp4", "--out", tmp_path / "ds", *FAST)
+    assert_one_line(proc, 2, "no file matches")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_batch_bad_video_is_reported_and_the_rest_is_kept(tmp_path):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video\n")
+    good = VIDEO.parent / "video_chunk_6s.mp4"
+    out = tmp_path / "ds"
+    proc = run_cli("batch", bad, good, "--out", out, "--min-face", 40, *FAST)
+    assert_one_line(proc, 2, "notes.mp4")
+    rows = read_rows(out)
+    assert rows and {r["source"] for r in rows} == {str(good)}
+    summary = json.loads((out / "summary.json").read_text())
+    assert [v["status"] for v in summary["videos"]] == ["failed", "done"]
+
+
+def test_batch_refuses_a_folder_another_batch_is_writing(tmp_path):
+    import fcntl
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run_cli("batch", VIDEO, "--out", out, *FAST)
+    assert_one_line(proc, 2, "another batch")

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import FACES, FR_MODEL, ROOT, VIDEO, read_rows
+from conftest import FACES, FR_MODEL, ROOT, VIDEO, looped_copy, read_rows
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SERVER = Path(__file__).with_name("rtsp_server.py")
@@ -89,25 +89,7 @@ def assert_rows_valid(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def looped_clip(tmp_path_factory) -> Path:
     """The shared clip 12 times in a row (about 2 minutes), stream-copied."""
-    dst = tmp_path_factory.mktemp("live") / "looped.mp4"
-    with av.open(str(dst), "w") as out:
-        ost = None
-        offset = 0
-        for _ in range(12):
-            with av.open(str(VIDEO)) as inp:
-                ist = inp.streams.video[0]
-                ost = ost or out.add_stream_from_template(ist)
-                last = 0
-                for packet in inp.demux(ist):
-                    if packet.dts is None:
-                        continue
-                    last = max(last, packet.pts + (packet.duration or 0))
-                    packet.pts += offset
-                    packet.dts += offset
-                    packet.stream = ost
-                    out.mux(packet)
-                offset += last
-    return dst
+    return looped_copy(VIDEO, tmp_path_factory.mktemp("live") / "looped.mp4", 12)
 
 
 @pytest.fixture(scope="module")

@@ -63,3 +63,32 @@ def test_zsum_fusion_trades_serfiq_against_quality():
              face(3, 5.0, serfiq=0.50)]
     feed(sel, faces)
     assert sel.close(1)[0].face.pts_time == 1
+
+
+def test_pose_bins_keep_side_views_that_rank_below_many_frontal_faces():
+    """Many good frontal faces and a few weaker side views: with pose bins the best left and right views survive
+    the bounded pool and are kept; without, the top-k is all frontal."""
+    faces = [face(i, 10.0 + i) for i in range(40)]   # frontal, 1 s apart
+    for i, pose in enumerate(["left", "left", "right"]):
+        side = face(100 + i, 1.0 + i)
+        side.pose = pose
+        faces.append(side)
+    for bins in (False, True):
+        sel = Selector(topk=4, min_gap=0.5, rule=SerfiqRule(quantile=0), pose_bins=bins)
+        feed(sel, faces)
+        poses = [k.face.pose for k in sel.close(1)]
+        if bins:
+            assert sorted(poses) == ["frontal", "frontal", "left", "right"]
+        else:
+            assert poses == ["frontal"] * 4
+
+
+def test_max_similarity_drops_near_duplicates():
+    a, b, c = np.eye(4)[0], (np.eye(4)[0] + 0.1 * np.eye(4)[1]), np.eye(4)[2]
+    b = b / np.linalg.norm(b)
+    faces = [face(0, 3.0), face(1, 2.0), face(2, 1.0)]
+    for f, e in zip(faces, (a, b, c)):
+        f.embedding = e
+    sel = Selector(topk=3, min_gap=0.5, rule=SerfiqRule(quantile=0), max_similarity=0.9)
+    feed(sel, faces)
+    assert [k.face.pts_time for k in sel.close(1)] == [0, 2]   # the near-copy of the best face is dropped

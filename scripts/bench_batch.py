@@ -51,11 +51,11 @@ def main() -> int:
             inputs.append(str(dst))
         for name, extra in modes:
             out = Path(tmp) / name
-            wall, res = timed(cli + inputs + ["--out", str(out), "--quiet", *extra, *batch_opts])
+            wall, res = timed(cli + inputs + ["--out", str(out), *extra, *batch_opts])
             if res["done"] != args.copies:
                 sys.exit(f"bench_batch: {name}: {res}")
             frames = sum(json.loads(s.read_text())["frames"] for s in (out / "videos").glob("*/summary.json"))
-            resume, again = timed(cli + inputs + ["--out", str(out), "--quiet", *extra, *batch_opts])
+            resume, again = timed(cli + inputs + ["--out", str(out), *extra, *batch_opts])
             results.append({"mode": name, "videos": args.copies, "frames": frames, "seconds": round(wall, 2),
                             "videos_per_min": round(60 * args.copies / wall, 2), "fps": round(frames / wall, 1),
                             "faces": res["faces"], "identities": res["identities"],

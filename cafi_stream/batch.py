@@ -325,6 +325,7 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
             _serial_run(todo, cfg, work, random_dbcnn, commit, stop=lambda: interrupted)
     finally:   # also after Ctrl-C: the dataset files show every committed video
         rows = merge(exports)
+        manifest.compact()
     summary = {"version": __version__, "out_dir": str(out), "config_hash": chash, "config": cfg.to_dict(),
                "videos": [{"source": j.source, "key": j.key,
                            "status": "failed" if j.source in failed else "done" if j.source in done

@@ -115,6 +115,30 @@ def test_config_changes_rerun_what_they_affect(inputs, reference, tmp_path):
     assert set(files(out)) == named
 
 
+def test_inputs_expand_from_folders_globs_and_lists(tmp_path):
+    from cafi_stream.batch import expand_inputs
+
+    videos = SHARED / "videos"
+    (tmp_path / "sub").mkdir()
+    listing = tmp_path / "sub" / "list.txt"
+    listing.write_text(f"# two videos, one relative to this list\n{VIDEO}\n\n../clip.mp4\nrtsp://cam.local/stream\n")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    got = expand_inputs([str(videos), str(videos / "*.mp4"), str(listing)])
+    assert got == [str(VIDEO), str(videos / "video_chunk_6s.mp4"), str(tmp_path / "clip.mp4"),
+                   "rtsp://cam.local/stream"]
+
+
+def test_a_changed_source_is_redone(tmp_path):
+    video = tmp_path / "chunk.mp4"
+    video.write_bytes((SHARED / "videos" / "video_chunk_6s.mp4").read_bytes())
+    out = tmp_path / "ds"
+    assert batch_cli(out, VIDEO, video)["done"] == 2
+    os.utime(video, ns=(time.time_ns(), time.time_ns() + 10**9))   # touched: size and head unchanged
+    result = batch_cli(out, VIDEO, video)
+    assert (result["done"], result["skipped"]) == (1, 1)
+    assert len(rows(out, "manifest.jsonl")) == 2
+
+
 def test_identities_across_tracks_and_videos(tmp_path):
     """The performer's wide shot and close-up (two tracks across shot changes) and a photo of him are one
     identity; photos of other people are other identities; two photos of Obama are one."""

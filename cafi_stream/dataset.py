@@ -57,6 +57,8 @@ def finalize(out_dir: Path, rows: list[dict], cfg: Config, exports=(), title: st
     write_report(out_dir, rows, title, by=cfg.identity.per)
     if "parquet" in exports:
         write_parquet(out_dir / PARQUET, out_dir, rows)
+    else:   # not a stale table from an earlier run beside new metadata
+        (out_dir / PARQUET).unlink(missing_ok=True)
     return rows
 
 

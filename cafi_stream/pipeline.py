@@ -29,6 +29,7 @@ from .align import crop_face
 from .batching import MicroBatcher
 from .cascade import IqaScheduler, sharpness, yaw_ratio
 from .config import Config
+from .dataset import finalize as finalize_output, read_rows
 from .decode import Decoder, VideoFrame
 from .detect import FaceDetector, detection_stride
 from .backend import resolve_device
@@ -39,7 +40,6 @@ from .models import default_models_dir, resolve_fr_model, sha256_of
 from .select import Selector, ScoredFace, SerfiqRule, pose_bin
 from .serfiq import SerFiq
 from .track import FaceTracker
-from .dataset import finalize as finalize_output, read_rows
 from .writer import METADATA, OutputWriter, ScoresLog, atomic_write
 
 log = logging.getLogger(__name__)

@@ -51,7 +51,8 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--ranker", choices=["cafi", "serfiq", "sharpness", "detector", "random"],
                    help="how faces are ranked (default cafi; the others are baselines)")
     p.add_argument("--fusion", choices=["filter", "zsum", "zmin"], help="how cafi combines SER-FIQ and IQA")
-    p.add_argument("--scores-out", help="write one JSON line per scored face, with whether it was kept")
+    if not batch:   # one file per run; a batch records its videos in its own folder
+        p.add_argument("--scores-out", help="write one JSON line per scored face, with whether it was kept")
     p.add_argument("--exhaustive", action="store_true", default=None,
                    help="score every eligible face with the IQA model (slow; the cascade's reference)")
     ds = p.add_argument_group("dataset")
@@ -65,15 +66,17 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
     ds.add_argument("--export", action="append", choices=["parquet"], default=[],
                     help="also write dataset.parquet (every column and the image bytes)")
     live = p.add_argument_group("live sources (rtsp://, http(s)://, /dev/video*, --loop)")
-    live.add_argument("--loop", action="store_true", default=None,
-                      help="play a file as a live source at its native rate, looping")
+    if not batch:   # a looping file never finishes
+        live.add_argument("--loop", action="store_true", default=None,
+                          help="play a file as a live source at its native rate, looping")
     live.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (default tcp)")
     live.add_argument("--open-timeout", type=float, help="seconds a connection may take to open (default 10)")
     live.add_argument("--read-timeout", type=float, help="seconds without data before reconnecting (default 10)")
     live.add_argument("--reconnect-max", type=int,
                       help="failed connection attempts in a row before exiting with code 3 (default: unlimited)")
     live.add_argument("--track-timeout", type=float, help="seconds unseen before a track is closed and written")
-    live.add_argument("--stats-json", help="keep the status figures in this JSON file")
+    if not batch:
+        live.add_argument("--stats-json", help="keep the status figures in this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar, status lines or result line")
     p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     return p

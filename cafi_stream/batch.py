@@ -217,10 +217,11 @@ class _RayWorker:
     """A Ray actor: models loaded once, then one call per video."""
 
     def __init__(self, cfg: Config, random_dbcnn: bool):
+        self.cfg = cfg
         _init_worker(cfg, random_dbcnn, 0)
 
-    def process(self, job: Job, cfg: Config, work_dir: str) -> VideoResult:
-        return process_video(job, cfg, work_dir)
+    def process(self, job: Job, work_dir: str) -> VideoResult:
+        return process_video(job, self.cfg, work_dir)
 
 
 def _ray_run(todo: list[Job], cfg: Config, work: Path, address: str | None, workers: int, random_dbcnn: bool,
@@ -242,7 +243,7 @@ def _ray_run(todo: list[Job], cfg: Config, work: Path, address: str | None, work
     pool = ActorPool(actors)
     by_key = {j.key: j for j in todo}
     try:
-        for result in pool.map_unordered(lambda a, job: a.process.remote(job, cfg, str(work)), todo):
+        for result in pool.map_unordered(lambda a, job: a.process.remote(job, str(work)), todo):
             commit(by_key[result.key], result)
     finally:
         for a in actors:
@@ -281,7 +282,8 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
     manifest = Manifest(out)
     manifest.compact()
     todo = [j for j in jobs if not manifest.done(j, chash, videos)]
-    skipped = [j.source for j in jobs if j not in todo]
+    pending = {j.key for j in todo}
+    skipped = [j.source for j in jobs if j.key not in pending]
     if skipped:
         log.info("%d of %d videos already done with this config", len(skipped), len(jobs))
     done: list[str] = []

@@ -125,34 +125,6 @@ def _setup_logging(verbose: bool) -> None:
     log.propagate = False
 
 
-def engines_main(argv: list[str]) -> int:
-    args = build_engines_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    try:
-        from .backend import engines_dir
-        from .config import load_config
-        from .pipeline import Models
-
-        models = Models.load(load_config(args.config, _overrides(args)))
-        print(json.dumps({"engines_dir": str(engines_dir()), "engines": models.engines}))
-        models.close()
-    except CafiError as e:
-        log.error("%s", e)
-        return e.exit_code
-    return 0
-
-
-def _on_video(quiet: bool):
-    def report(source: str, result) -> None:
-        if result.error is not None and result.error != "interrupted":
-            log.error("%s: %s", source, result.error)
-        elif result.summary is not None and not quiet:
-            s = result.summary
-            sys.stderr.write(f"cafi-stream: done: {source}: {s['frames']} frames, {s['faces_kept']} faces, "
-                             f"{s['fps']} fps\n")
-    return report
-
-
 _RESUME = "interrupted: finished videos are kept; rerun the same command to resume"
 
 
@@ -170,6 +142,37 @@ def _guarded(work, verbose: bool, interrupted: str = "interrupted"):
         log.debug("traceback", exc_info=True)
         log.error("internal error: %s: %s%s", type(e).__name__, e, "" if verbose else " (run with -v for details)")
         return None, 1
+
+
+def engines_main(argv: list[str]) -> int:
+    args = build_engines_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+
+    def work():
+        from .backend import engines_dir
+        from .config import load_config
+        from .pipeline import Models
+
+        models = Models.load(load_config(args.config, _overrides(args)))
+        result = {"engines_dir": str(engines_dir()), "engines": models.engines}
+        models.close()
+        return result
+
+    result, code = _guarded(work, args.verbose)
+    if result is not None:
+        print(json.dumps(result))
+    return code
+
+
+def _on_video(quiet: bool):
+    def report(source: str, result) -> None:
+        if result.error is not None and result.error != "interrupted":
+            log.error("%s: %s", source, result.error)
+        elif result.summary is not None and not quiet:
+            s = result.summary
+            sys.stderr.write(f"cafi-stream: done: {source}: {s['frames']} frames, {s['faces_kept']} faces, "
+                             f"{s['fps']} fps\n")
+    return report
 
 
 def batch_main(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ SHARED ?= ../shared/data
 DEMO_VIDEO ?= $(SHARED)/videos/short_hamilton_clip.mp4
 # piqe is the one pyiqa IQA metric that builds without downloading weights (the build machines are offline);
 # real users get DBCNN, the default, downloaded on first use.
-DEMO_ARGS ?= --topk 5 --iqa piqe --fr-model $(SHARED)/models/mobilefacenet_paddlex_128d.onnx --out cafi_out/demo
+DEMO_ARGS ?= --topk 5 --iqa piqe --fr-model $(SHARED)/models/mobilefacenet_paddlex_128d.onnx --out cafi_out/demo --overwrite
 
 .PHONY: install demo test eval
 install: $(STAMP)

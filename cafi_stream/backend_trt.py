@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import ModelSource, engines_dir
-from .writer import atomic_write
+from .outdir import atomic_write
 
 log = logging.getLogger(__name__)
 

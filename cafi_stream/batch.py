@@ -13,13 +13,11 @@ redoes at most the videos that were in progress, and the dataset files are alway
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,8 +29,8 @@ from . import __version__
 from .config import Config
 from .dataset import finalize, read_rows
 from .errors import CafiError, InputError
-from .live import is_live
-from .writer import IMAGE_DIRS, METADATA, SUMMARY, atomic_write
+from .outdir import IMAGE_DIRS, LIVE_DIR, MANIFEST, METADATA, SUMMARY, OutputDir, atomic_write, writing
+from .sources import is_live, is_url, redact, source_stem
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,6 @@ VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", "
               ".mpeg", ".3gp", ".ogv"}
 LIST_EXTS = {".txt", ".lst", ".list"}
 VIDEO_ROWS = "video.jsonl"   # a batch video's rows; only the dataset-level metadata.jsonl is an imagefolder index
-MANIFEST = "manifest.jsonl"
 HEAD_BYTES = 4 << 20
 MERGE_INTERVAL = 60.0   # seconds between rebuilds of the dataset files while a batch runs (and once at its end)
 # Sections that change what a video's own output is. [identity] and the exports only change the merge, which is
@@ -53,7 +50,12 @@ _VIDEO_SECTIONS = ("output", "decode", "detect", "track", "faces", "fr", "serfiq
 class Job:
     source: str
     key: str            # its folder under videos/
-    fingerprint: tuple  # (size, mtime_ns, sha256 of the first 4 MiB) of a file; (url,) of a URL
+    fingerprint: tuple  # (size, mtime_ns, sha256 of the first 4 MiB) of a file; (redacted url,) of a URL
+
+    @property
+    def name(self) -> str:
+        """The source as it may be shown and recorded: credentials redacted."""
+        return redact(self.source)
 
 
 @dataclass
@@ -63,17 +65,13 @@ class VideoResult:
     error: str | None = None
 
 
-def _is_url(s: str) -> bool:
-    return "://" in s or is_live(s)
-
-
 def expand_inputs(items: list[str]) -> list[str]:
     """Files, directories (their videos, recursively), globs, and text files listing paths or URLs (one per line,
     # comments; relative paths are relative to the list). In order, each source once."""
     out: list[str] = []
 
     def add(item: str, where: Path | None = None) -> None:
-        if _is_url(item):
+        if is_url(item) or is_live(item):
             out.append(item)
             return
         path = Path(item).expanduser()
@@ -99,7 +97,7 @@ def expand_inputs(items: list[str]) -> list[str]:
         elif path.is_file():
             out.append(str(path.resolve()))
         else:
-            raise InputError(f"input not found: {item}")
+            raise InputError(f"input not found: {redact(item)}")
 
     for item in items:
         add(item)
@@ -109,13 +107,12 @@ def expand_inputs(items: list[str]) -> list[str]:
 
 
 def video_key(source: str) -> str:
-    stem = re.sub(r"[^\w.-]+", "_", Path(source.split("?")[0].rstrip("/")).stem)[:60] or "stream"
-    return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+    return f"{source_stem(source)}-{hashlib.sha1(redact(source).encode()).hexdigest()[:8]}"
 
 
 def fingerprint(source: str) -> tuple:
-    if _is_url(source):
-        return (source,)
+    if is_url(source) or is_live(source):
+        return (redact(source),)
     st = os.stat(source)
     with open(source, "rb") as f:
         head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
@@ -142,11 +139,13 @@ class Manifest:
                 and (videos / job.key / VIDEO_ROWS).is_file())
 
     def compact(self) -> None:
-        atomic_write(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()).encode())
+        with writing(self.path):
+            atomic_write(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()).encode())
 
     def record(self, entry: dict) -> None:
         self.entries[entry["key"]] = entry
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW),
+                                      "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -181,7 +180,7 @@ def process_video(job: Job, cfg: Config, work_dir: str, models=None) -> VideoRes
     if result.summary.get("interrupted"):
         return VideoResult(job.key, error="interrupted")
     (out / METADATA).replace(out / VIDEO_ROWS)
-    shutil.rmtree(out / "live", ignore_errors=True)
+    shutil.rmtree(out / LIVE_DIR, ignore_errors=True)
     return VideoResult(job.key, summary=result.summary)
 
 
@@ -255,7 +254,7 @@ class BatchResult:
     out_dir: Path
     done: list[str]
     skipped: list[str]
-    failed: dict[str, str]   # source -> why
+    failed: dict[str, str]   # source -> why (sources as given: print them through redact)
     faces: int
     identities: int
     interrupted: bool
@@ -266,20 +265,24 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
               on_video: Callable[[str, VideoResult], None] | None = None) -> BatchResult:
     """Process every input not already finished with this config into `out_dir`, then rebuild the dataset files.
     `on_video(source, result)` is called as each video finishes."""
-    out = Path(out_dir)
+    out = OutputDir(out_dir)
+    out.check(batch=True)
     sources = expand_inputs(inputs)
     jobs = [Job(s, video_key(s), fingerprint(s)) for s in sources]
     chash = config_hash(cfg)
-    videos, work = out / "videos", out / ".work"
-    videos.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")
+    out.claim(batch=True)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise InputError(f"another batch is writing to {out}") from None
-    shutil.rmtree(work, ignore_errors=True)   # what a killed run left half done
+        return _run_claimed(out, jobs, cfg, chash, workers, ray, ray_address, exports, random_dbcnn, on_video)
+    finally:
+        out.release()
+
+
+def _run_claimed(out: OutputDir, jobs: list[Job], cfg: Config, chash: str, workers: int, ray: bool,
+                 ray_address: str | None, exports: tuple[str, ...], random_dbcnn: bool, on_video) -> BatchResult:
+    videos, work = out.subdir("videos"), out.subdir(".work")
+    out.remove_tree(".work")   # what a killed run left half done
     work.mkdir()
-    manifest = Manifest(out)
+    manifest = Manifest(out.root)
     manifest.compact()
     todo = [j for j in jobs if not manifest.done(j, chash, videos)]
     pending = {j.key for j in todo}
@@ -303,20 +306,19 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
         elif result.error is not None:
             failed[job.source] = result.error
         else:
-            final = videos / job.key
-            if final.exists():   # made with another config or from an older file: replaced whole
-                shutil.rmtree(final)
-            (work / job.key).replace(final)
-            result.summary["out_dir"] = str(final)
-            atomic_write(final / SUMMARY, (json.dumps(result.summary, indent=2) + "\n").encode())
-            manifest.record({"key": job.key, "source": job.source, "fingerprint": list(job.fingerprint),
+            final = out.remove_tree(f"videos/{job.key}")   # made with another config or an older file: replaced
+            with writing(final):
+                (work / job.key).replace(final)
+                result.summary["out_dir"] = str(final)
+                atomic_write(final / SUMMARY, (json.dumps(result.summary, indent=2) + "\n").encode())
+            manifest.record({"key": job.key, "source": job.name, "fingerprint": list(job.fingerprint),
                              "config": chash, "faces": len(read_rows(final / VIDEO_ROWS)),
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             done.append(job.source)
             if time.monotonic() - last_merge >= MERGE_INTERVAL:   # the dataset files follow a long batch
                 merge()
         if on_video is not None:
-            on_video(job.source, result)
+            on_video(job.name, result)
 
     try:
         if todo and ray:
@@ -329,22 +331,22 @@ def run_batch(inputs: list[str], cfg: Config, out_dir: str | Path, workers: int 
         rows = merge(exports)
         manifest.compact()
     summary = {"version": __version__, "out_dir": str(out), "config_hash": chash, "config": cfg.to_dict(),
-               "videos": [{"source": j.source, "key": j.key,
+               "videos": [{"source": j.name, "key": j.key,
                            "status": "failed" if j.source in failed else "done" if j.source in done
                            else "skipped" if j.source in skipped else "pending",
                            "error": failed.get(j.source)} for j in jobs],
                "faces": len(rows), "identities": len({r["identity_id"] for r in rows})}
-    atomic_write(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
-    shutil.rmtree(work, ignore_errors=True)
-    lock.close()
-    return BatchResult(out, done, skipped, failed, summary["faces"], summary["identities"], interrupted)
+    with writing(out.root / SUMMARY):
+        atomic_write(out.root / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    out.remove_tree(".work")
+    return BatchResult(out.given, done, skipped, failed, summary["faces"], summary["identities"], interrupted)
 
 
-def _merge(out: Path, jobs: list[Job], cfg: Config, exports: tuple[str, ...]) -> list[dict]:
+def _merge(out: OutputDir, jobs: list[Job], cfg: Config, exports: tuple[str, ...]) -> list[dict]:
     """The dataset files from the committed videos, in input order: paths made relative to OUT."""
     rows = []
     for job in jobs:
-        for row in read_rows(out / "videos" / job.key / VIDEO_ROWS):
+        for row in read_rows(out.root / "videos" / job.key / VIDEO_ROWS):
             for _, column, _ in IMAGE_DIRS.values():
                 row[column] = f"videos/{job.key}/{row[column]}"
             rows.append({"video": job.key, **row})

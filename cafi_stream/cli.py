@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 
 from .errors import CafiError
+from .sources import redact
 
 log = logging.getLogger("cafi_stream")
 
 
 class _OneLineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        msg = super().format(record)
-        return f"cafi-stream: {record.levelname.lower()}: {msg}"
+        # Sources are redacted where they are named; this is the net under every message that reaches stderr.
+        return redact(f"cafi-stream: {record.levelname.lower()}: {super().format(record)}")
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(self._argv, namespace)
+
     def error(self, message: str):   # one line and exit 2, without argparse's usage block
-        sys.stderr.write(f"cafi-stream: error: {message} (see --help)\n")
+        known = self._option_string_actions
+        unknown = [a for a in getattr(self, "_argv", []) if a.startswith("-") and a not in ("-", "--")
+                   and a.split("=", 1)[0] not in known]
+        if unknown:   # argparse would only say that SOURCE is missing
+            message = f"unknown option {unknown[0]}"
+            if "." in unknown[0] or "/" in unknown[0]:
+                message += f" (a file name that starts with '-' needs ./ in front: ./{unknown[0]})"
+        sys.stderr.write(redact(f"cafi-stream: error: {message} (see --help)\n"))
         sys.exit(2)
 
 
@@ -35,8 +48,10 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
                        help="run one task per video on a Ray cluster (no ADDRESS: a local one)")
     else:
         p = _Parser(prog="cafi-stream", description="Keep the best-quality face images of every person in a video.")
-        p.add_argument("source", help="video file or URL")
-        p.add_argument("--out", help="output folder (default cafi_out/<source stem>/)")
+        p.add_argument("source", help="video file, image, URL or capture device")
+        p.add_argument("--out", help="output folder (default cafi_out/<source stem>/); it must be empty or new")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run's files in --out (other files there are left alone)")
     p.add_argument("--topk", type=int, help="faces kept per track, or per identity with --per identity (default 5)")
     p.add_argument("--config", help="TOML file overlaid on configs/default.toml")
     p.add_argument("--models-dir", help="where model files are found and downloaded to (or $CAFI_MODELS_DIR)")
@@ -129,9 +144,11 @@ _RESUME = "interrupted: finished videos are kept; rerun the same command to resu
 
 
 def _guarded(work, verbose: bool, interrupted: str = "interrupted"):
-    """(work(), 0), or (None, exit code) after one stderr line: the traceback only with -v."""
+    """(work(), 0), or (None, exit code) after one stderr line: the traceback only with -v. Whatever a library
+    prints goes to stderr: stdout carries only the CLI's own result line."""
     try:
-        return work(), 0
+        with contextlib.redirect_stdout(sys.stderr):
+            return work(), 0
     except CafiError as e:
         log.error("%s", e)
         return None, e.exit_code
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         progress = not args.quiet and sys.stderr.isatty()
         return run(args.source, load_config(args.config, _overrides(args)), out_dir=args.out, progress=progress,
                    stats_json=args.stats_json, scores_out=args.scores_out, exports=tuple(args.export),
-                   on_status=None if args.quiet else _print_status)
+                   on_status=None if args.quiet else _print_status, overwrite=args.overwrite)
 
     result, code = _guarded(work, args.verbose)
     if result is None:

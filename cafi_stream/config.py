@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -177,6 +178,10 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise InputError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"config file {path} is a folder") from None
+    except OSError as e:
+        raise InputError(f"config file {path}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"config file {path} is not valid TOML: {e}") from None
 
@@ -219,35 +224,53 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     return cfg
 
 
+# (section, key): (lowest, highest) allowed, inclusive; None leaves that side open. Every numeric option is here.
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("output", "topk"): (1, None), ("output", "min_gap"): (0, None), ("output", "context_scale"): (1, 8),
+    ("output", "jpeg_quality"): (1, 100),
+    ("decode", "queue_size"): (1, None), ("decode", "threads"): (0, 256), ("decode", "max_frames"): (0, None),
+    ("detect", "min_confidence"): (0, 1), ("detect", "box_scale"): (0.5, 4), ("detect", "rate"): (0, None),
+    ("track", "max_gap"): (1e-3, None), ("track", "iou_threshold"): (0, 0.999), ("track", "min_frames"): (1, None),
+    ("track", "shot_cut"): (0, 1),
+    ("faces", "min_face"): (0, None), ("faces", "iqa_size"): (32, 2048), ("faces", "aligned_size"): (32, 1024),
+    ("serfiq", "passes"): (2, 10000), ("serfiq", "dropout"): (1e-6, 1 - 1e-6), ("serfiq", "track_quantile"): (0, 0.999),
+    ("serfiq", "batch"): (1, None),
+    ("diversity", "max_similarity"): (-1, 1), ("diversity", "frontal_yaw"): (0, None),
+    ("identity", "threshold"): (-1, 1),
+    ("iqa", "batch"): (1, None),
+    ("cascade", "min_det_score"): (0, 1), ("cascade", "max_yaw"): (0, None), ("cascade", "min_sharpness"): (0, None),
+    ("cascade", "sample_interval"): (0, None), ("cascade", "iqa_window"): (0, None),
+    ("cascade", "iqa_budget"): (1e-6, None), ("cascade", "iqa_burst"): (1, None), ("cascade", "max_age"): (0, None),
+    ("live", "open_timeout"): (1e-3, 86400), ("live", "read_timeout"): (1e-3, 86400), ("live", "reconnect_max"): (-1, None),
+    ("live", "backoff_initial"): (0, 3600), ("live", "backoff_max"): (0, 3600), ("live", "queue_size"): (1, None),
+    ("live", "status_interval"): (1e-3, None), ("live", "snapshot_interval"): (0, None),
+    ("runtime", "pool_factor"): (1, None), ("runtime", "max_batch"): (1, 4096), ("runtime", "max_wait_ms"): (0, 60000),
+}
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("runtime", "device"): ("auto", "cpu", "cuda"), ("runtime", "backend"): ("auto", "tensorrt", "ort", "torch"),
+    ("fr", "channel_order"): ("", "RGB", "BGR"), ("live", "transport"): ("tcp", "udp"),
+    ("rank", "method"): RANKERS, ("rank", "fusion"): FUSIONS, ("identity", "per"): ("track", "identity"),
+}
+
+
 def _validate(cfg: Config) -> None:
-    checks = [
-        (cfg.output.topk >= 1, "topk must be at least 1"),
-        (cfg.output.min_gap >= 0, "min-gap must not be negative"),
-        (cfg.faces.min_face >= 0, "min-face must not be negative"),
-        (0 < cfg.serfiq.dropout < 1, "serfiq dropout must be in (0, 1)"),
-        (cfg.serfiq.passes >= 2, "serfiq passes must be at least 2"),
-        (0 <= cfg.serfiq.track_quantile < 1, "serfiq track_quantile must be in [0, 1)"),
-        (cfg.runtime.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
-        (cfg.fr.channel_order in ("", "RGB", "BGR"), "fr channel_order must be RGB or BGR"),
-        (cfg.decode.queue_size >= 1, "decode queue_size must be at least 1"),
-        (cfg.runtime.pool_factor >= 1, "runtime pool_factor must be at least 1"),
-        (cfg.runtime.backend in ("auto", "tensorrt", "ort", "torch"), "backend must be auto, tensorrt, ort or torch"),
-        (cfg.runtime.max_batch >= 1, "runtime max_batch must be at least 1"),
-        (cfg.detect.rate >= 0, "detect rate must not be negative"),
-        (cfg.cascade.iqa_budget > 0, "cascade iqa_budget must be positive"),
-        (cfg.live.transport in ("tcp", "udp"), "rtsp transport must be tcp or udp"),
-        (cfg.rank.method in RANKERS, f"ranker must be one of {', '.join(RANKERS)}"),
-        (cfg.rank.fusion in FUSIONS, f"fusion must be one of {', '.join(FUSIONS)}"),
-        (cfg.live.open_timeout > 0 and cfg.live.read_timeout > 0, "timeouts must be positive"),
-        (cfg.live.reconnect_max >= -1, "reconnect-max must be -1 (unlimited) or more"),
-        (cfg.live.queue_size >= 1, "live queue_size must be at least 1"),
-        (cfg.track.max_gap > 0, "track timeout must be positive"),
-        (-1 <= cfg.diversity.max_similarity <= 1, "max-similarity must be in [-1, 1]"),
-        (-1 <= cfg.identity.threshold <= 1, "identity threshold must be in [-1, 1]"),
-        (cfg.identity.per in ("track", "identity"), "per must be track or identity"),
-    ]
-    if isinstance(cfg.serfiq.min_score, str) and cfg.serfiq.min_score != "auto":
-        checks.append((False, "serfiq min_score must be a number or \"auto\""))
-    for ok, msg in checks:
-        if not ok:
-            raise InputError(msg)
+    """Every value in range, before anything is opened or loaded; one line names the key and what it allows."""
+    def bad(section: str, key: str, value, allowed: str):
+        raise InputError(f"config [{section}] {key} = {value!r}: {allowed}")
+
+    for (section, key), (lo, hi) in _RANGES.items():
+        v = getattr(getattr(cfg, section), key)
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            bad(section, key, v, "must be " + (f"between {lo:g} and {hi:g}" if lo is not None and hi is not None
+                                               else f"at least {lo:g}" if lo is not None else f"at most {hi:g}"))
+    for (section, key), options in _CHOICES.items():
+        v = getattr(getattr(cfg, section), key)
+        if v not in options:
+            bad(section, key, v, f"must be one of {', '.join(repr(o) for o in options)}")
+    m = cfg.serfiq.min_score
+    if not (m == "auto" or (not isinstance(m, str) and 0 <= m <= 1)):
+        bad("serfiq", "min_score", m, 'must be a number in [0, 1] or "auto"')
+    if cfg.iqa.name == "dbcnn" and cfg.faces.iqa_size % 16:   # the two branches' feature maps must agree
+        bad("faces", "iqa_size", cfg.faces.iqa_size, "DBCNN needs a multiple of 16")
+    if cfg.live.backoff_max < cfg.live.backoff_initial:
+        bad("live", "backoff_max", cfg.live.backoff_max, "must be at least backoff_initial")

@@ -9,12 +9,11 @@ from pathlib import Path
 
 from .config import Config
 from .identity import assign_identities, top_per_identity
+from .outdir import IMAGE_DIRS, METADATA, PARQUET, TMP_PREFIX, TMP_SUFFIX, OutputDir, atomic_write, writing
 from .report import write_report
-from .writer import IMAGE_DIRS, METADATA, atomic_write
 
 log = logging.getLogger(__name__)
 
-PARQUET = "dataset.parquet"   # not metadata.parquet: imagefolder would take that for a second metadata file
 EXPORTS = ("parquet",)
 
 
@@ -39,10 +38,12 @@ def image_files(row: dict) -> list[str]:
     return [row[column] for _, column, _ in IMAGE_DIRS.values() if isinstance(row.get(column), str)]
 
 
-def finalize(out_dir: Path, rows: list[dict], cfg: Config, exports=(), title: str = "", prune: bool = False
+def finalize(out: OutputDir, rows: list[dict], cfg: Config, exports=(), title: str = "", prune: bool = False
              ) -> list[dict]:
     """Cluster `rows` into identities, keep the top-k per identity if configured (`prune`: delete the files of the
-    rows that are dropped), then write metadata.jsonl, report.html and the requested exports. Returns the rows."""
+    rows that are dropped), then write metadata.jsonl, report.html and the requested exports. Returns the rows.
+    `title` is shown in the report (credentials already redacted)."""
+    out_dir = out.root
     assign_identities(rows, cfg.identity.threshold)
     if cfg.identity.per == "identity":
         fusion = cfg.rank.fusion if any(r.get("iqa_model") for r in rows) and cfg.rank.method == "cafi" else "filter"
@@ -51,27 +52,28 @@ def finalize(out_dir: Path, rows: list[dict], cfg: Config, exports=(), title: st
         if prune:
             keep = {name for r in kept for name in image_files(r)}
             for name in {name for r in rows for name in image_files(r)} - keep:
-                (out_dir / name).unlink(missing_ok=True)
+                out.remove_image(name)
         rows = kept
-    write_rows(out_dir / METADATA, rows)
-    write_report(out_dir, rows, title, by=cfg.identity.per)
-    if "parquet" in exports:
-        write_parquet(out_dir / PARQUET, out_dir, rows)
-    else:   # not a stale table from an earlier run beside new metadata
-        (out_dir / PARQUET).unlink(missing_ok=True)
+    with writing(out):
+        write_rows(out_dir / METADATA, rows)
+        write_report(out_dir, rows, title, by=cfg.identity.per)
+        if "parquet" in exports:
+            write_parquet(out_dir / PARQUET, out, rows)
+        else:   # not a stale table from an earlier run beside new metadata
+            (out_dir / PARQUET).unlink(missing_ok=True)
     return rows
 
 
-def write_parquet(path: Path, root: Path, rows: list[dict]) -> None:
+def write_parquet(path: Path, out: OutputDir, rows: list[dict]) -> None:
     """Every metadata column plus `image` (the context crop's bytes, a `datasets.Image` feature), so the table
     stands alone: `datasets.load_dataset("parquet", data_files=...)` gives decoded images."""
     import datasets
 
     datasets.disable_progress_bars()
-    table = [dict(r, image={"bytes": (root / r["file_name"]).read_bytes(), "path": r["file_name"]}) for r in rows]
+    table = [dict(r, image={"bytes": out.inside(r["file_name"]).read_bytes(), "path": r["file_name"]}) for r in rows]
     if not table:
         log.warning("%s: no faces to export", path)
     ds = datasets.Dataset.from_list(table).cast_column("image", datasets.Image())
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}{TMP_SUFFIX}")
     ds.to_parquet(str(tmp))
     tmp.replace(path)

@@ -15,12 +15,15 @@ import av.logging
 import numpy as np
 
 from .errors import InputError
+from .sources import is_capture_device, is_url, redact
 
 log = logging.getLogger(__name__)
 
-# FFmpeg's own error messages (corrupt or cut-short data) reach Python logging under "libav"; they are counted per
-# decoder, not printed.
-av.logging.set_level(av.logging.ERROR)
+# FFmpeg's own error messages (corrupt or cut-short data) reach Python logging under "libav" while a file decodes;
+# they are counted per decoder, not printed. PyAV's log callback takes the GIL inside FFmpeg's decoding threads, so a
+# thread that holds the GIL while it waits for them (closing a container mid-stream) would deadlock: the callback is
+# on only while a file decodes, never for live sources.
+av.logging.set_level(None)
 logging.getLogger("libav").propagate = False
 logging.getLogger("libav").addHandler(logging.NullHandler())
 
@@ -61,9 +64,10 @@ class DecodeStats:
     frames: int = 0
     seconds: float = 0.0
     truncated: str | None = None   # why decoding stopped early, if it did
+    rotation: int = 0              # counter-clockwise degrees the last frame was turned to display upright
 
 
-class _End:
+class EndOfFrames:
     """Queue sentinel: decoding finished (normally, or with `error`)."""
 
     def __init__(self, error: BaseException | None = None):
@@ -104,19 +108,31 @@ def _explain_unreadable(path: Path) -> str:
     return f"{path}: not a readable video file"
 
 
-def _is_url(source: str) -> bool:
-    return "://" in source
+def upright(frame: av.VideoFrame, tag_rotation: int = 0) -> tuple[np.ndarray, int]:
+    """The frame as HxWx3 RGB in its display orientation, and the counter-clockwise degrees it was turned by.
+    Phones store portrait video sideways with a display matrix (or, in older files, a `rotate` tag)."""
+    image = frame.to_ndarray(format="rgb24")
+    quarter = round((frame.rotation or tag_rotation) / 90) % 4
+    if quarter:
+        image = np.ascontiguousarray(np.rot90(image, quarter))
+    return image, quarter * 90
 
 
-def is_capture_device(source: str) -> bool:
-    return source.startswith("/dev/video")
+def rotate_tag(stream) -> int:
+    """The old `rotate` metadata tag (clockwise degrees) as a counter-clockwise rotation; 0 when absent."""
+    try:
+        return -int(float(stream.metadata.get("rotate", 0)))
+    except ValueError:
+        return 0
 
 
 def open_video(source: str, threads: int = 0, options: dict | None = None, timeout: tuple | None = None
                ) -> tuple[av.container.InputContainer, av.video.stream.VideoStream, VideoInfo]:
-    """Open `source` and describe its first video stream. Bad input raises InputError with a one-line reason."""
+    """Open `source` and describe its first video stream. Bad input raises InputError with a one-line reason.
+    `info.source`, and every message, name the source with its credentials redacted."""
     fmt = "v4l2" if is_capture_device(source) else None
-    if not _is_url(source) and not fmt:
+    name = redact(source)
+    if not is_url(source) and not fmt:
         path = Path(source)
         if not path.exists():
             raise InputError(f"{source}: no such file")
@@ -127,14 +143,14 @@ def open_video(source: str, threads: int = 0, options: dict | None = None, timeo
     try:
         container = av.open(source, mode="r", format=fmt, options=options or {}, timeout=timeout)
     except av.error.FFmpegError as e:
-        if _is_url(source) or fmt:
-            raise InputError(f"{source}: cannot open ({e.strerror or e})") from None
+        if is_url(source) or fmt:
+            raise InputError(f"{name}: cannot open ({redact(e.strerror or str(e))})") from None
         raise InputError(_explain_unreadable(Path(source))) from None
     except OSError as e:
-        raise InputError(f"{source}: {e.strerror or e}") from None
+        raise InputError(f"{name}: {redact(e.strerror or str(e))}") from None
     if not container.streams.video:
         container.close()
-        raise InputError(f"{source}: has no video stream")
+        raise InputError(f"{name}: has no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"     # frame + slice threads
     stream.thread_count = threads
@@ -146,7 +162,7 @@ def open_video(source: str, threads: int = 0, options: dict | None = None, timeo
     elif container.duration is not None:
         duration = container.duration / av.time_base
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    info = VideoInfo(source=source, width=stream.codec_context.width, height=stream.codec_context.height, fps=fps,
+    info = VideoInfo(source=name, width=stream.codec_context.width, height=stream.codec_context.height, fps=fps,
                      frames=stream.frames or None, duration=duration, start_time=start,
                      codec=stream.codec_context.name)
     return container, stream, info
@@ -155,10 +171,9 @@ def open_video(source: str, threads: int = 0, options: dict | None = None, timeo
 class Decoder:
     """Decodes in its own thread and hands frames to an asyncio queue; the queue bound gives back-pressure."""
 
-    def __init__(self, source: str, queue_size: int = 16, threads: int = 0, max_frames: int = 0):
+    def __init__(self, source: str, queue_size: int = 16, threads: int = 0):
         self.container, self.stream, self.info = open_video(source, threads)
         self.queue_size = queue_size
-        self.max_frames = max_frames
         self.stats = DecodeStats()
         self._stop = threading.Event()
 
@@ -168,9 +183,12 @@ class Decoder:
     def _frames(self):
         errors = _FFmpegErrors()
         logging.getLogger("libav").addHandler(errors)
+        av.logging.set_level(av.logging.ERROR)
         try:
             yield from self._decode()
         finally:
+            av.logging.set_level(None)
+            time.sleep(0.01)   # a decoding thread already waiting in the callback finishes before the close
             logging.getLogger("libav").removeHandler(errors)
         if errors.count and not self.stats.truncated:
             self.stats.truncated = f"the input has damaged or missing data ({errors.first})"
@@ -179,9 +197,10 @@ class Decoder:
         t0 = time.perf_counter()
         index = 0
         last_time = None
+        tag = rotate_tag(self.stream)
         try:
             for frame in self.container.decode(self.stream):
-                image = frame.to_ndarray(format="rgb24")
+                image, self.stats.rotation = upright(frame, tag)
                 pts = frame.time
                 if pts is None:   # no usable timestamp: derive one from the frame rate
                     pts = (last_time + 1.0 / self.info.fps) if last_time is not None else 0.0
@@ -190,7 +209,7 @@ class Decoder:
                 yield VideoFrame(index=index, pts_time=float(pts), image=image)
                 t0 = time.perf_counter()
                 index += 1
-                if self._stop.is_set() or (self.max_frames and index >= self.max_frames):
+                if self._stop.is_set():
                     return
         except av.error.FFmpegError as e:
             if index == 0:
@@ -200,19 +219,19 @@ class Decoder:
         if index == 0:
             raise InputError(f"{self.info.source}: no decodable video frame")
         info = self.info
-        if not _is_url(info.source) and info.duration and last_time is not None:
+        if not is_url(info.source) and info.duration and last_time is not None:
             end = info.start_time + info.duration
             if last_time < end - max(1.0, 0.05 * info.duration):
                 self.stats.truncated = f"the video ends at {last_time:.1f} s of the {end:.1f} s it declares"
 
     def _pump(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-        end = _End()
+        end = EndOfFrames()
         try:
             for frame in self._frames():
                 self.stats.frames += 1
                 asyncio.run_coroutine_threadsafe(queue.put(frame), loop).result()
         except BaseException as e:   # handed to the consumer, which re-raises it in the event loop
-            end = _End(e)
+            end = EndOfFrames(e)
         finally:
             self.container.close()
             asyncio.run_coroutine_threadsafe(queue.put(end), loop).result()
@@ -226,7 +245,7 @@ class Decoder:
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, _End):
+                if isinstance(item, EndOfFrames):
                     item.finish()
                     return
                 yield item
@@ -238,6 +257,6 @@ class Decoder:
                 except asyncio.QueueEmpty:
                     await asyncio.sleep(0.01)
                     continue
-                if isinstance(item, _End):
+                if isinstance(item, EndOfFrames):
                     break
             thread.join(timeout=5)

@@ -23,3 +23,9 @@ class StreamError(CafiError):
     """A live source stayed unreachable past the reconnect cap."""
 
     exit_code = 3
+
+
+class OutputError(CafiError):
+    """Writing the results failed: the disk is full, a folder became unwritable, or a path leads outside --out."""
+
+    exit_code = 1

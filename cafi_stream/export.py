@@ -12,7 +12,7 @@ import onnx
 
 from .backend import ModelSource, engines_dir
 from .models import sha256_of
-from .writer import atomic_write
+from .outdir import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import types
 from dataclasses import dataclass
@@ -58,6 +59,19 @@ def _no_pretrained_downloads():
         dbcnn_arch.torchvision, dbcnn_arch.load_pretrained_network = saved
 
 
+@contextlib.contextmanager
+def _chatter_to_log():
+    """pyiqa prints its downloads; stdout belongs to the CLI's result line, so its lines go to the log instead."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        for line in buf.getvalue().splitlines():
+            if line.strip():
+                log.info("pyiqa: %s", line.strip())
+
+
 def build_dbcnn():
     """pyiqa's DBCNN architecture with random weights, built without any download."""
     with _no_pretrained_downloads() as dbcnn:
@@ -99,8 +113,6 @@ def create_iqa(name: str, device: str, models_dir: Path, dbcnn_dataset: str = "k
             net = build_dbcnn()
             load_dbcnn_checkpoint(net, weights)
             key = sha256_of(weights)
-        if size % 16:   # DBCNN's traced shape branch needs both branches' feature maps to agree
-            raise InputError(f"DBCNN needs an IQA crop size that is a multiple of 16, not {size}")
         source = torch_source("dbcnn", net, key, (3, size, size))
         model = IqaModel("dbcnn", lower_better=False, engine=create_engine(source, backend, device, batch),
                          batch=batch, weights=weights)
@@ -112,7 +124,8 @@ def create_iqa(name: str, device: str, models_dir: Path, dbcnn_dataset: str = "k
         hint = " (it is a full-reference metric)" if name in pyiqa.list_models() else ""
         raise InputError(f"--iqa {name}: not a pyiqa no-reference metric{hint}")
     try:
-        metric = pyiqa.create_metric(name, device=device, as_loss=False)
+        with _chatter_to_log():
+            metric = pyiqa.create_metric(name, device=device, as_loss=False)
     except Exception as e:   # pyiqa raises whatever its download or constructor raises
         raise ModelError(f"--iqa {name}: cannot build the metric ({str(e).splitlines()[0] if str(e) else e!r}); "
                          f"offline, only piqe and entropy build without a download") from None

@@ -18,16 +18,11 @@ from dataclasses import dataclass
 
 import av
 
-from .decode import DecodeStats, VideoFrame, _End, _is_url, open_video
+from .decode import DecodeStats, EndOfFrames, VideoFrame, open_video, rotate_tag, upright
 from .errors import InputError, StreamError
+from .sources import is_url, redact
 
 log = logging.getLogger(__name__)
-
-LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "srt://")
-
-
-def is_live(source: str) -> bool:
-    return source.startswith(LIVE_SCHEMES) or source.startswith("/dev/video")
 
 
 @dataclass
@@ -53,7 +48,8 @@ class LiveDecoder:
     """The `Decoder` interface (`info`, `stats`, `frames()`, `stop()`) for sources that never end by themselves."""
 
     def __init__(self, source: str, queue_size: int = 8, threads: int = 0, options: LiveOptions | None = None):
-        self.source = source
+        self.source = source          # for connecting only
+        self.name = redact(source)    # for every message
         self.opts = options or LiveOptions()
         self.queue_size = queue_size
         self.threads = threads
@@ -105,7 +101,7 @@ class LiveDecoder:
         while not self._stop.is_set():
             if self._failures:
                 if 0 <= self.opts.reconnect_max < self._failures:
-                    raise StreamError(f"{self.source}: unreachable after {self._failures} attempt(s) "
+                    raise StreamError(f"{self.name}: unreachable after {self._failures} attempt(s) "
                                       f"({self.stats.last_error}); giving up (--reconnect-max "
                                       f"{self.opts.reconnect_max})")
                 delay = min(self.opts.backoff_max, self.opts.backoff_initial * 2 ** (self._failures - 1))
@@ -115,19 +111,19 @@ class LiveDecoder:
             try:
                 container, info = self._open_once()
             except InputError as e:
-                if not _is_url(self.source) and not self.source.startswith("/dev/"):
+                if not is_url(self.source) and not self.source.startswith("/dev/"):
                     raise   # a bad file stays bad: no point retrying
                 self._failed(str(e).split(": ", 1)[-1])
                 continue
             except (TimeoutError, OSError, av.error.FFmpegError) as e:
-                self._failed(str(e))
+                self._failed(redact(str(e)))
                 continue
             if not first:
                 self.stats.reconnects += 1
-                log.warning("%s: reconnected", self.source)
+                log.warning("%s: reconnected", self.name)
             self.stats.connected = True
             return container, info
-        raise StreamError(f"{self.source}: stopped before a connection was made")
+        raise StreamError(f"{self.name}: stopped before a connection was made")
 
     def _failed(self, why: str) -> None:
         """Count a failed or lost connection. A lost connection is reported once per outage; failures to make
@@ -135,9 +131,9 @@ class LiveDecoder:
         self._failures += 1
         was_connected, self.stats.connected = self.stats.connected, False
         if was_connected or (self.opts.reconnect_max < 0 and self._failures in (1, 10)):
-            log.warning("%s: %s; reconnecting", self.source, why)
+            log.warning("%s: %s; reconnecting", self.name, why)
         else:
-            log.debug("%s: %s (attempt %d)", self.source, why, self._failures)
+            log.debug("%s: %s (attempt %d)", self.name, why, self._failures)
         self.stats.last_error = why
 
     # -- decoding thread
@@ -169,23 +165,31 @@ class LiveDecoder:
                     self._failed("the stream ended")
         except BaseException as e:
             if gen == self._gen:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, _End(e))
+                self._hand_over(self._queue.put_nowait, EndOfFrames(e))
             return
         finally:
             if container is not None:
                 container.close()
         if gen == self._gen:
-            self._loop.call_soon_threadsafe(self._put_end)
+            self._hand_over(self._put_end)
+
+    def _hand_over(self, fn, *args) -> None:
+        """Run `fn` in the event loop; once the consumer has stopped (--max-frames, a signal) there is none."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:   # the loop is closed
+            pass
 
     def _put_end(self) -> None:
         if self._queue.full():
             self._queue.get_nowait()
             self.stats.dropped += 1
-        self._queue.put_nowait(_End())
+        self._queue.put_nowait(EndOfFrames())
 
     def _decode(self, gen: int, container, loop_offset: float) -> float | None:
         """Decode one connection until it ends or fails; returns the last stream time (for --loop)."""
         stream = container.streams.video[0]
+        tag = rotate_tag(stream)
         first_t = wall_base = last_t = None
         last_pts = None
         try:
@@ -211,13 +215,13 @@ class LiveDecoder:
                 last_t, last_pts = t, pts
                 self._failures = 0
                 self._last_frame = time.monotonic()
-                image = frame.to_ndarray(format="rgb24")
+                image, self.stats.rotation = upright(frame, tag)
                 self.stats.frames += 1
                 vf = VideoFrame(index=self.stats.frames - 1, pts_time=float(pts), image=image)
-                self._loop.call_soon_threadsafe(self._emit, gen, vf)
+                self._hand_over(self._emit, gen, vf)
         except (av.error.FFmpegError, OSError) as e:
             if not self._stop.is_set() and gen == self._gen:
-                self._failed(f"connection lost ({getattr(e, 'strerror', None) or e})")
+                self._failed(f"connection lost ({redact(getattr(e, 'strerror', None) or str(e))})")
             return None
         return last_pts
 
@@ -250,7 +254,7 @@ class LiveDecoder:
                         self._failed(f"no frame for {stall:g} s")
                         self._start(None)
                     continue
-                if isinstance(item, _End):
+                if isinstance(item, EndOfFrames):
                     item.finish()
                     return
                 yield item

@@ -166,6 +166,8 @@ def resolve_fr_model(model: str, models_dir: Path) -> tuple[Path, ModelSpec]:
     if not path.is_file():
         known = ", ".join(FR_MODELS)
         raise ModelError(f"face-recognition model '{model}' is neither a file nor a known model ({known})")
+    if path.stat().st_size == 0:
+        raise ModelError(f"face-recognition model {model}: empty file")
     digest = sha256_of(path)
     for spec in FR_MODELS.values():
         if digest == spec.sha256 or path.name == spec.file_name:

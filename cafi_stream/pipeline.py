@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import threading
 import time
@@ -33,14 +32,17 @@ from .dataset import finalize as finalize_output, read_rows
 from .decode import Decoder, VideoFrame
 from .detect import FaceDetector, detection_stride
 from .backend import resolve_device
+from .errors import OutputError
 from .iqa import IqaModel, create_iqa
-from .live import LiveDecoder, LiveOptions, is_live
+from .live import LiveDecoder, LiveOptions
 from .landmarks import FaceMesher
 from .models import default_models_dir, resolve_fr_model, sha256_of
+from .outdir import METADATA, OutputDir, atomic_write, check_output_file, writing
 from .select import Selector, ScoredFace, SerfiqRule, pose_bin
 from .serfiq import SerFiq
+from .sources import is_live, redact, source_stem
 from .track import FaceTracker
-from .writer import METADATA, OutputWriter, ScoresLog, atomic_write
+from .writer import OutputWriter, ScoresLog
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +78,14 @@ class Models:
         device = resolve_device(cfg.runtime.device)
         models_dir = default_models_dir(cfg.runtime.models_dir)
         fr_path, fr_spec = resolve_fr_model(cfg.fr.model, models_dir)
-        iqa = create_iqa(cfg.iqa.name, device, models_dir, cfg.iqa.dbcnn_dataset, cfg.iqa.batch,
-                         backend=cfg.runtime.backend, random_weights=random_dbcnn, size=cfg.faces.iqa_size)
+        # The recognition model first: it is the one a user most often points at a wrong file, and checking it
+        # takes a second where the IQA model takes many.
         serfiq = SerFiq(fr_path, fr_spec, passes=cfg.serfiq.passes, dropout=cfg.serfiq.dropout,
                         seed=cfg.serfiq.seed, device=device, batch=cfg.runtime.max_batch,
                         channel_order=cfg.fr.channel_order, mean=cfg.fr.mean, std=cfg.fr.std,
                         backend=cfg.runtime.backend)
+        iqa = create_iqa(cfg.iqa.name, device, models_dir, cfg.iqa.dbcnn_dataset, cfg.iqa.batch,
+                         backend=cfg.runtime.backend, random_weights=random_dbcnn, size=cfg.faces.iqa_size)
         import mediapipe
 
         mp_dir = Path(mediapipe.__file__).parent / "modules"
@@ -114,8 +118,7 @@ class RunResult:
 
 
 def default_out_dir(source: str) -> Path:
-    stem = Path(source.split("?")[0].rstrip("/")).stem or "stream"
-    return Path("cafi_out") / re.sub(r"[^\w.-]+", "_", stem)
+    return Path("cafi_out") / source_stem(source)
 
 
 class _Run:
@@ -164,6 +167,8 @@ class _Run:
         self.span: dict[int, tuple[float, float]] = {}   # open track -> (first, last) time it was detected
         self.last_snapshot = 0.0
         self.now = 0.0
+        self.detect_passes = 0
+        self.largest_face = 0.0
 
     # -- engines, called by the micro-batchers
     def _run_serfiq(self, faces: list[ScoredFace]) -> list[tuple[float, np.ndarray]]:
@@ -217,7 +222,10 @@ class _Run:
             if self.scores is not None:
                 self.scores.update(face)
 
-    def _end_tracks(self, track_ids) -> None:
+    def _end_tracks(self, track_ids, at_end: bool = False) -> None:
+        # An input with fewer detection passes than track.min_frames (a still image, a one-frame clip) could
+        # never keep a face: there, one detection is enough.
+        short_input = at_end and self.detect_passes < self.cfg.track.min_frames
         for tid in track_ids:
             self._pump(flush=True, ending=tid)
             with self.timer("select"):
@@ -229,7 +237,7 @@ class _Run:
             self.last_sampled.pop(tid, None)
             self.opened.pop(tid, None)
             span = self.span.pop(tid, (self.now, self.now))
-            if self.tracker.is_real(tid):
+            if self.tracker.is_real(tid) or short_input:
                 with self.timer("write"):
                     self.writer.write_track(tid, kept, span)
 
@@ -257,7 +265,10 @@ class _Run:
             return
         with timer("detect"):
             dets = m.detector(frame.image)
+        self.detect_passes += 1
         self.counts["faces_detected"] += len(dets)
+        if len(dets):
+            self.largest_face = max(self.largest_face, float(dets.side.max()))
         with timer("track"):
             update = self.tracker.update(dets, frame.pts_time)
         self._end_tracks(update.ended)
@@ -317,13 +328,29 @@ class _Run:
                 "tracks_written": self.writer.tracks}
 
     def finish(self) -> None:
-        self._end_tracks(self.tracker.finish())
-        self._end_tracks(self.selector.open_tracks)
+        self._end_tracks(self.tracker.finish(), at_end=True)
+        self._end_tracks(self.selector.open_tracks, at_end=True)
         if self.scores is not None:
-            self.scores.close()
+            with writing(self.scores.path):
+                self.scores.close()
+
+    def nothing_kept(self) -> str:
+        """One line on why a run kept no face."""
+        c, frames = self.counts, self.counts["frames"]
+        if not c["faces_detected"]:
+            return f"no face kept: no face was detected in {frames} frame(s)"
+        gates = {"too_small": f"smaller than --min-face {self.cfg.faces.min_face} px "
+                              f"(the largest was {self.largest_face:.0f} px)",
+                 "low_det_score": "under cascade.min_det_score", "no_landmarks": "without landmarks",
+                 "yaw": "turned too far (cascade.max_yaw)", "blur": "too blurred (cascade.min_sharpness)"}
+        why = [f"{c[f'gate_{g}']} {text}" for g, text in gates.items() if c[f"gate_{g}"]]
+        return (f"no face kept: {c['faces_detected']} face detection(s) in {frames} frame(s); not scored: "
+                + ("; ".join(why) if why else "none, but no scored face passed the SER-FIQ rule"))
 
     def summary(self, wall: float, interrupted: bool) -> dict:
         info = self.decoder.info
+        rotation = self.decoder.stats.rotation
+        width, height = (info.height, info.width) if rotation % 180 else (info.width, info.height)
         seconds = {"decode": round(self.decoder.stats.seconds, 3)}
         seconds.update({k: round(v, 3) for k, v in self.timer.seconds.items()})
         seconds["processing"] = round(wall, 3)
@@ -335,8 +362,8 @@ class _Run:
         return {
             "version": __version__,
             "source": info.source,
-            "video": {"width": info.width, "height": info.height, "fps": round(info.fps, 3), "codec": info.codec,
-                      "declared_frames": info.frames, "declared_duration": info.duration},
+            "video": {"width": width, "height": height, "rotation": rotation, "fps": round(info.fps, 3),
+                      "codec": info.codec, "declared_frames": info.frames, "declared_duration": info.duration},
             "frames": frames,
             "tracks": self.tracker.tracks_started,
             "tracks_written": self.writer.tracks,
@@ -374,7 +401,8 @@ class StatusReporter:
         h["processed_fps"] = round((h["processed"] - processed) / dt, 2)
         self._last = (now, h["frames_in"], h["processed"])
         if self.stats_json is not None:
-            atomic_write(self.stats_json, (json.dumps(h) + "\n").encode())
+            with writing(self.stats_json):
+                atomic_write(self.stats_json, (json.dumps(h) + "\n").encode())
         if self.emit is not None:
             self.emit(h)
         return h
@@ -403,7 +431,10 @@ class _Signals:
         self.decoder.stop()
 
 
-async def _consume(decoder, handle, on_frame, signals: _Signals, reporter: StatusReporter | None) -> None:
+async def _consume(decoder, handle, on_frame, signals: _Signals, reporter: StatusReporter | None,
+                   max_frames: int = 0) -> None:
+    """Hand every frame to `handle` in one scoring thread, until the source ends, a signal stops it, or
+    `max_frames` frames (0: no limit) were handled, files and live sources alike."""
     loop = asyncio.get_running_loop()
     installed = []
     if threading.current_thread() is threading.main_thread():
@@ -414,9 +445,14 @@ async def _consume(decoder, handle, on_frame, signals: _Signals, reporter: Statu
     try:
         # One scoring thread: the event loop stays free while mediapipe, ONNX Runtime and torch work.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafi-score") as pool:
-            async for frame in decoder.frames():
-                await loop.run_in_executor(pool, handle, frame)
-                on_frame(frame)
+            handled = 0
+            async with contextlib.aclosing(decoder.frames()) as frames:
+                async for frame in frames:
+                    await loop.run_in_executor(pool, handle, frame)
+                    on_frame(frame)
+                    handled += 1
+                    if handled == max_frames:
+                        break
     finally:
         if task is not None:
             task.cancel()
@@ -432,29 +468,50 @@ def open_source(source: str, cfg: Config):
                            reconnect_max=lv.reconnect_max, backoff_initial=lv.backoff_initial,
                            backoff_max=lv.backoff_max, loop=lv.loop)
         return LiveDecoder(source, lv.queue_size, cfg.decode.threads, opts)
-    return Decoder(source, cfg.decode.queue_size, cfg.decode.threads, cfg.decode.max_frames)
+    return Decoder(source, cfg.decode.queue_size, cfg.decode.threads)
 
 
 def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Models | None = None,
         progress: bool = False, random_dbcnn: bool = False, on_status=None,
         stats_json: str | Path | None = None, scores_out: str | Path | None = None, finalize: bool = True,
-        exports: tuple[str, ...] = ()) -> RunResult:
+        exports: tuple[str, ...] = (), overwrite: bool = False) -> RunResult:
     """Process `source` and write its best faces into `out_dir` (default `cafi_out/<source stem>/`).
 
-    Bad input raises InputError before any model loads. SIGINT/SIGTERM (in the main thread) stop intake and finish
-    cleanly; on any other exit every open track is still written, with the summary, before the error propagates.
+    Bad input (the source, the output paths) raises InputError before any model loads; a non-empty `out_dir` is
+    refused unless `overwrite`, which then replaces only an earlier run's files. SIGINT/SIGTERM (in the main
+    thread) stop intake and finish cleanly; on any other exit every open track is still written, with the
+    summary, before the error propagates. A failed write raises OutputError after a summary that records it.
     `on_status(dict)` is called every `live.status_interval` seconds for live sources (and `stats_json` rewritten).
     `finalize` clusters the written faces into identities and writes report.html and `exports` (a batch does that
     once over all its videos instead).
     """
     t0 = time.perf_counter()
+    out = OutputDir(out_dir if out_dir is not None else default_out_dir(source))
+    out.check(overwrite)
+    for path, flag in ((scores_out, "--scores-out"), (stats_json, "--stats-json")):
+        if path is not None:
+            check_output_file(path, flag)
     decoder = open_source(source, cfg)
     own_models = models is None
     if own_models:
         models = Models.load(cfg, random_dbcnn=random_dbcnn)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(source)
+    try:
+        out.claim(overwrite)   # only now, so that a failure above leaves an earlier run untouched
+        try:
+            return _run_claimed(decoder, cfg, models, out, t0, progress, on_status, stats_json, scores_out,
+                                finalize, exports)
+        finally:
+            out.release()
+    finally:
+        if own_models:
+            models.close()
+
+
+def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float, progress: bool, on_status,
+                 stats_json, scores_out, finalize: bool, exports: tuple[str, ...]) -> RunResult:
+    name = decoder.info.source   # credentials redacted
     iqa_name = models.iqa.name if models.iqa is not None and cfg.rank.method == "cafi" else None
-    writer = OutputWriter(out, source, iqa_name, cfg.output.jpeg_quality)
+    writer = OutputWriter(out, name, iqa_name, cfg.output.jpeg_quality)
     state = _Run(cfg, models, decoder, writer, Path(scores_out) if scores_out is not None else None)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -473,30 +530,50 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
         bar = tqdm(total=total, unit="frame", dynamic_ncols=True, leave=False)
     signals = _Signals(decoder)
     interrupted = False
+    error: BaseException | None = None
     try:
         asyncio.run(_consume(decoder, state.handle, (lambda f: bar.update(1)) if bar else (lambda f: None),
-                             signals, reporter))
+                             signals, reporter, cfg.decode.max_frames))
     except KeyboardInterrupt:
         interrupted = True
+        raise
+    except BaseException as e:
+        error = e
         raise
     finally:
         if bar is not None:
             bar.close()
-        state.finish()
-        writer.close()
-        rows = finalize_output(out, read_rows(out / METADATA), cfg, exports, title=source,
-                               prune=True) if finalize else None
+        # After a failed write, writing more would only fail again: the summary alone records the failure.
+        failed = error if isinstance(error, OutputError) else None
+        rows = None
+        try:
+            if failed is None:
+                state.finish()
+            writer.close()
+            if failed is None and finalize:
+                rows = finalize_output(out, read_rows(out.root / METADATA), cfg, exports, title=name, prune=True)
+        except OutputError as e:
+            failed = failed or e
         if decoder.stats.truncated:
-            log.warning("%s: %s; kept what decoded", source, decoder.stats.truncated)
+            log.warning("%s: %s; kept what decoded", name, decoder.stats.truncated)
         summary = state.summary(time.perf_counter() - t0, interrupted or signals.stopping)
         summary["seconds"]["load_models"] = round(load_seconds, 3)
         summary["out_dir"] = str(out)
+        reason = failed or (error if not isinstance(error, (KeyboardInterrupt, type(None))) else None)
+        summary["failed"] = reason is not None
+        summary["error"] = redact(str(reason)) if reason is not None else None
         if rows is not None:
             summary["faces_kept"] = len(rows)
             summary["identities"] = len({r["identity_id"] for r in rows})
-        writer.write_summary(summary)
-        if reporter is not None and stats_json is not None:
-            reporter.report()
-        if own_models:
-            models.close()
-    return RunResult(out_dir=out, summary=summary)
+        if summary["faces_kept"] == 0 and reason is None and not interrupted:
+            log.warning("%s", state.nothing_kept())
+        try:
+            writer.write_summary(summary)
+        except OutputError as e:
+            failed = failed or e
+        if reporter is not None and stats_json is not None and failed is None:
+            with contextlib.suppress(OutputError):
+                reporter.report()
+    if failed is not None:
+        raise failed
+    return RunResult(out_dir=out.given, summary=summary)

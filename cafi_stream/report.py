@@ -8,9 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from urllib.parse import quote
 
-from .writer import atomic_write
-
-REPORT = "report.html"
+from .outdir import REPORT, atomic_write
 
 _STYLE = """body{font:13px system-ui,sans-serif;margin:16px;background:#fafafa;color:#222}
 h1{font-size:18px}table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:6px;vertical-align:top}

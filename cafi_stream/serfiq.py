@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError
+from .errors import CafiError, ModelError
 from .backend import run_batched
 from .models import ModelSpec, sha256_of
 
@@ -61,6 +61,8 @@ def _attr(node: onnx.NodeProto, name: str, default):
 def find_embedding_head(model: onnx.ModelProto) -> EmbeddingHead:
     """Walk back from the graph output to the final linear layer: a Gemm, a MatMul (+Add), or a 1x1 Conv."""
     graph = model.graph
+    if not graph.node or not graph.output:
+        raise ModelError("the model has no graph (an empty or foreign file?)")
     consts = _constants(graph)
     producer = {out: node for node in graph.node for out in node.output}
     post: list[tuple[np.ndarray, np.ndarray]] = []   # affine (scale, shift) ops after the layer, output side first
@@ -85,6 +87,9 @@ def find_embedding_head(model: onnx.ModelProto) -> EmbeddingHead:
             tensor = node.input[0]
         elif op in ("Gemm", "MatMul", "Add", "Conv") and (head := _linear(node, consts, producer)) is not None:
             cut, w, b = head
+            if cut not in producer:   # nothing before the layer: SER-FIQ needs a backbone to cut off
+                raise ModelError(f"the embedding layer {node.name or op} takes the model's input directly: "
+                                 f"this is not a face-recognition network")
             for scale, shift in reversed(post):   # fold trailing affine ops, nearest the layer first
                 w = w * scale[None, :]
                 b = b * scale + shift
@@ -173,7 +178,10 @@ class SerFiq:
             model = onnx.load(str(model_path))
         except Exception as e:   # onnx raises DecodeError, ValueError, ...: all mean "not an ONNX model"
             raise ModelError(f"{model_path}: not a readable ONNX model ({e})") from None
-        self.head = find_embedding_head(model)
+        try:
+            self.head = find_embedding_head(model)
+        except ModelError as e:
+            raise ModelError(f"{model_path}: {e}") from None
         log.info("SER-FIQ: embedding layer %s (%d -> %d), backbone cut at %s", self.head.layer,
                  *self.head.weight.shape, self.head.cut)
         inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
@@ -181,7 +189,13 @@ class SerFiq:
         self.fixed_batch = dims[0] if dims and dims[0] else None
         source = fr_backbone_source(model, sha256_of(Path(model_path)), self.head.cut)
         self.size = source.input_shape[1:]
-        self.engine = create_engine(source, backend, device, max_batch=self.fixed_batch or batch)
+        try:
+            self.engine = create_engine(source, backend, device, max_batch=self.fixed_batch or batch)
+        except CafiError:
+            raise
+        except Exception as e:   # a backbone no backend accepts is not kept in the cache for later runs
+            source.onnx_path.unlink(missing_ok=True)
+            raise ModelError(f"{model_path}: its backbone does not load ({str(e).strip().splitlines()[-1]})") from None
         self.spec = spec
         self.channel_order = channel_order or spec.channel_order
         self.mean = mean if mean >= 0 else spec.mean

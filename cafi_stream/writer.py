@@ -5,36 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .errors import OutputError
+from .outdir import IMAGE_DIRS, LIVE_DIR, METADATA, SUMMARY, OutputDir, atomic_write, writing
 from .select import KeptFace
 
 log = logging.getLogger(__name__)
-
-METADATA = "metadata.jsonl"
-SUMMARY = "summary.json"
-# Where each encoded crop goes, and its metadata column (file_name is the one `imagefolder` loads).
-IMAGE_DIRS = {"context": ("faces", "file_name", ".jpg"), "aligned": ("aligned", "aligned_file", ".png"),
-              "masked": ("masked", "masked_file", ".png")}
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def encode_images(context: np.ndarray, aligned: np.ndarray, masked: np.ndarray, jpeg_quality: int = 95
@@ -55,52 +35,40 @@ def _round(values, digits: int = 2) -> list:
 
 
 class OutputWriter:
-    def __init__(self, out_dir: Path, source: str, iqa_name: str | None, jpeg_quality: int = 95):
-        self.out_dir = Path(out_dir)
+    """Writes into a claimed `OutputDir`. `source` is the name to record (credentials already redacted)."""
+
+    def __init__(self, out: OutputDir, source: str, iqa_name: str | None, jpeg_quality: int = 95):
+        self.out = out
+        self.out_dir = out.root
         self.jpeg_quality = jpeg_quality
         self.source = source
         self.iqa_name = iqa_name
         self.rows = 0
         self.tracks = 0
         self._snapshots: dict[int, set[str]] = {}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for sub in [d for d, _, _ in IMAGE_DIRS.values()] + ["live"]:
-            (self.out_dir / sub).mkdir(exist_ok=True)
-        self._clear_previous_run()
-        self._meta = open(self.out_dir / METADATA, "w", encoding="utf-8")
+        for sub in [d for d, _, _ in IMAGE_DIRS.values()] + [LIVE_DIR]:
+            out.subdir(sub)
+        path = out.inside(METADATA)
+        with writing(path):   # "x": a file (or a planted link) already there is an error, never followed
+            self._meta = open(path, "x", encoding="utf-8")
 
-    def _clear_previous_run(self) -> None:
-        """A rerun into the same folder replaces the previous run's faces instead of mixing with them."""
-        for stale in (self.out_dir / "live").iterdir():
-            if stale.is_file():
-                stale.unlink()
-        meta = self.out_dir / METADATA
-        if not meta.exists():
-            return
-        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            for _, column, _ in IMAGE_DIRS.values():
-                name = row.get(column)
-                if isinstance(name, str) and ".." not in Path(name).parts:
-                    (self.out_dir / name).unlink(missing_ok=True)
-
-    def _rows(self, track_id: int, kept: list[KeptFace], live: bool, span: tuple[float, float]) -> list[dict]:
-        """Write the faces' images (once per file name) and return their metadata rows."""
+    def _rows(self, track_id: int, kept: list[KeptFace], live: bool, span: tuple[float, float],
+              written: list[str]) -> list[dict]:
+        """Write the faces' images (once per file name, each name appended to `written` before its write) and
+        return their metadata rows."""
         rows = []
         emb = np.stack([k.face.embedding for k in kept])
         sim = emb @ emb.T
         np.fill_diagonal(sim, -np.inf)
         for k, similarity in zip(kept, sim.max(axis=1)):
             f = k.face
-            names = {kind: (f"live/{sub}_t{track_id:06d}_f{f.frame_index:07d}{ext}" if live else
+            names = {kind: (f"{LIVE_DIR}/{sub}_t{track_id:06d}_f{f.frame_index:07d}{ext}" if live else
                             f"{sub}/t{track_id:06d}_f{f.frame_index:07d}{ext}")
                      for kind, (sub, _, ext) in IMAGE_DIRS.items()}
             if not (live and all((self.out_dir / n).exists() for n in names.values())):   # snapshots: once
                 images = encode_images(f.crops.context, f.crops.aligned, f.crops.masked, self.jpeg_quality)
                 for kind, name in names.items():
+                    written.append(name)
                     atomic_write(self.out_dir / name, images[kind])
             row = {IMAGE_DIRS[kind][1]: name for kind, name in names.items()}
             row.update(
@@ -116,43 +84,55 @@ class OutputWriter:
 
     def write_track(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> None:
         """Images first, then the track's rows in one append, so no row ever names a missing file. `span` is the
-        (first, last) time the track was seen."""
+        (first, last) time the track was seen. A failed write removes the track's images: no file without a row."""
         if kept:
-            lines = "".join(json.dumps(row) + "\n" for row in self._rows(track_id, kept, False, span))
-            self._meta.write(lines)
-            self._meta.flush()
-            os.fsync(self._meta.fileno())
+            written: list[str] = []
+            try:
+                with writing(self.out.given):
+                    lines = "".join(json.dumps(r) + "\n" for r in self._rows(track_id, kept, False, span, written))
+                    self._meta.write(lines)
+                    self._meta.flush()
+                    os.fsync(self._meta.fileno())
+            except OutputError:
+                self._discard(written)
+                raise
             self.rows += len(kept)
             self.tracks += 1
         self.drop_snapshot(track_id)
+
+    def _discard(self, names) -> None:
+        for name in names:
+            (self.out_dir / name).unlink(missing_ok=True)
 
     def write_snapshot(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> None:
         """A still-open track's best-so-far: live/track_<id>.json (replaced atomically) and its images; images
         of the previous snapshot that it no longer names are removed after the switch."""
         if not kept:
             return
-        rows = self._rows(track_id, kept, True, span)
-        atomic_write(self.out_dir / "live" / f"track_{track_id:06d}.json", (json.dumps(rows) + "\n").encode())
+        with writing(self.out.given):
+            rows = self._rows(track_id, kept, True, span, [])
+            atomic_write(self.out_dir / LIVE_DIR / f"track_{track_id:06d}.json", (json.dumps(rows) + "\n").encode())
         files = {row[column] for row in rows for _, column, _ in IMAGE_DIRS.values()}
-        for stale in self._snapshots.get(track_id, set()) - files:
-            (self.out_dir / stale).unlink(missing_ok=True)
+        self._discard(self._snapshots.get(track_id, set()) - files)
         self._snapshots[track_id] = files
 
     def drop_snapshot(self, track_id: int) -> None:
         files = self._snapshots.pop(track_id, None)
         if files is None:
             return
-        (self.out_dir / "live" / f"track_{track_id:06d}.json").unlink(missing_ok=True)
-        for name in files:
-            (self.out_dir / name).unlink(missing_ok=True)
+        (self.out_dir / LIVE_DIR / f"track_{track_id:06d}.json").unlink(missing_ok=True)
+        self._discard(files)
 
     def write_summary(self, summary: dict) -> Path:
         path = self.out_dir / SUMMARY
-        atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
+        with writing(path):
+            atomic_write(path, (json.dumps(summary, indent=2) + "\n").encode())
         return path
 
     def close(self) -> None:
-        self._meta.close()
+        if not self._meta.closed:
+            with writing(self.out_dir / METADATA):
+                self._meta.close()
 
 
 class ScoresLog:
@@ -161,7 +141,8 @@ class ScoresLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._f = open(self.path, "w", encoding="utf-8")
+        with writing(self.path):
+            self._f = open(self.path, "w", encoding="utf-8")
         self._tracks: dict[int, dict[int, dict]] = {}
 
     def record(self, face) -> None:
@@ -186,8 +167,9 @@ class ScoresLog:
             row["kept"] = frame in ranks
             row["rank"] = ranks.get(frame)
             lines.append(json.dumps(row) + "\n")
-        self._f.write("".join(lines))
-        self._f.flush()
+        with writing(self.path):
+            self._f.write("".join(lines))
+            self._f.flush()
 
     def close(self) -> None:
         self._f.close()

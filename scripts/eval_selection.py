@@ -205,6 +205,7 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict, topk: int, 
     models = Models.load(load_config(overrides=base))
     index = _truth_index(truth)
     results = {}
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     for name, overrides in rankers.items():
         merged = {k: dict(v) for k, v in base.items()}
         for section, values in overrides.items():
@@ -215,7 +216,7 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict, topk: int, 
         cfg = load_config(overrides=merged)
         t0 = time.perf_counter()
         res = run(str(video), cfg, out_dir=out_dir / "runs" / name, models=models,
-                  scores_out=out_dir / "runs" / f"{name}.scores.jsonl")
+                  scores_out=out_dir / "runs" / f"{name}.scores.jsonl", overwrite=True)   # our own scratch runs
         kept = [json.loads(line) for line in (res.out_dir / "metadata.jsonl").read_text().splitlines()]
         scored = [json.loads(line) for line in (out_dir / "runs" / f"{name}.scores.jsonl").read_text().splitlines()]
         matched = [g for g in (match(index, r["frame_index"], r["bbox"]) for r in kept) if g is not None]

@@ -117,9 +117,11 @@ def test_batch_bad_video_is_reported_and_the_rest_is_kept(tmp_path):
 def test_batch_refuses_a_folder_another_batch_is_writing(tmp_path):
     import fcntl
 
+    from cafi_stream.outdir import LOCK
+
     out = tmp_path / "ds"
     out.mkdir()
-    with open(out / ".lock", "w") as held:
+    with open(out / LOCK, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         proc = run_cli("batch", VIDEO, "--out", out, *FAST)
-    assert_one_line(proc, 2, "another batch")
+    assert_one_line(proc, 2, "another cafi-stream run")

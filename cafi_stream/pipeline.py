@@ -345,7 +345,8 @@ class _Run:
                  "yaw": "turned too far (cascade.max_yaw)", "blur": "too blurred (cascade.min_sharpness)"}
         why = [f"{c[f'gate_{g}']} {text}" for g, text in gates.items() if c[f"gate_{g}"]]
         return (f"no face kept: {c['faces_detected']} face detection(s) in {frames} frame(s); not scored: "
-                + ("; ".join(why) if why else "none, but no scored face passed the SER-FIQ rule"))
+                + ("; ".join(why) if why else "none, but every scored face failed the SER-FIQ rule or was in a "
+                                              "track too short to keep (track.min_frames)"))
 
     def summary(self, wall: float, interrupted: bool) -> dict:
         info = self.decoder.info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,8 +50,9 @@ class OutputWriter:
         for sub in [d for d, _, _ in IMAGE_DIRS.values()] + [LIVE_DIR]:
             out.subdir(sub)
         path = out.inside(METADATA)
-        with writing(path):   # "x": a file (or a planted link) already there is an error, never followed
-            self._meta = open(path, "x", encoding="utf-8")
+        with writing(path):   # O_EXCL: a file (or a planted link) already there is an error, never followed
+            self._meta: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                                             0o666)
 
     def _rows(self, track_id: int, kept: list[KeptFace], live: bool, span: tuple[float, float],
               written: list[str]) -> list[dict]:
@@ -90,15 +92,26 @@ class OutputWriter:
             try:
                 with writing(self.out.given):
                     lines = "".join(json.dumps(r) + "\n" for r in self._rows(track_id, kept, False, span, written))
-                    self._meta.write(lines)
-                    self._meta.flush()
-                    os.fsync(self._meta.fileno())
+                    self._append(lines.encode())
             except OutputError:
                 self._discard(written)
                 raise
             self.rows += len(kept)
             self.tracks += 1
         self.drop_snapshot(track_id)
+
+    def _append(self, data: bytes) -> None:
+        """Whole lines or nothing: a write cut short (disk full) is cut back to the last complete row."""
+        size = os.lseek(self._meta, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._meta, view):]
+            os.fsync(self._meta)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._meta, size)
+            raise
 
     def _discard(self, names) -> None:
         for name in names:
@@ -130,9 +143,9 @@ class OutputWriter:
         return path
 
     def close(self) -> None:
-        if not self._meta.closed:
-            with writing(self.out_dir / METADATA):
-                self._meta.close()
+        if self._meta is not None:
+            os.close(self._meta)
+            self._meta = None
 
 
 class ScoresLog:

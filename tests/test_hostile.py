@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from onnx import TensorProto, helper
 
 from conftest import FACES, FR_MODEL, ROOT, VIDEO, read_rgb, read_rows, run_cli, still_video
 from test_bad_input import assert_one_line, remux
-from test_live import free_port, needs_rtsp, rtsp_server
+from test_live import free_port, needs_rtsp, rtsp_server, silent_listener
 
 FAST = ("--iqa", "none", "--fr-model", FR_MODEL, "--quiet")
 PASSWORD = "S3cr3tPw9"
@@ -96,6 +95,18 @@ def test_a_rerun_never_removes_an_earlier_run_silently(tmp_path):
     assert (out / "faces" / "mine.jpg").read_bytes() == b"not ours"
 
 
+def test_single_runs_and_batches_keep_out_of_each_others_folders(tmp_path):
+    single, dataset = tmp_path / "single", tmp_path / "dataset"
+    (single / "faces").mkdir(parents=True)
+    (single / "metadata.jsonl").write_text("")
+    (dataset / "videos").mkdir(parents=True)
+    (dataset / "manifest.jsonl").write_text("")
+    before = snapshot(tmp_path)
+    assert_one_line(run_cli("batch", VIDEO, "--out", single, *FAST), 2, "not a batch dataset")
+    assert_one_line(run_cli(VIDEO, "--out", dataset, "--overwrite", *FAST), 2, "batch dataset")
+    assert snapshot(tmp_path) == before
+
+
 def test_killed_run_leftovers_are_cleaned_by_the_next_run(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "cafi_stream.cli", str(VIDEO), "--out", str(out), *map(str, FAST)],
@@ -120,41 +131,36 @@ def test_killed_run_leftovers_are_cleaned_by_the_next_run(tmp_path):
     assert not (out / ".cafi.lock").exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 400 KiB tmpfs: room for a few faces of the clip, not for all of them (needs root to mount)."""
-    mnt = tmp_path / "small"
+@contextmanager
+def tmpfs(mnt: Path, options: str):
+    """A tmpfs mounted at `mnt` (needs root; skips elsewhere)."""
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
                                            capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_fails_with_one_line_and_a_summary_that_says_so(small_disk):
-    out = small_disk / "out"
-    proc = run_cli(VIDEO, "--out", out, "--topk", 5, "--min-face", 40, *FAST)
-    assert_one_line(proc, 1, "No space left on device")
-    assert "internal error" not in proc.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["failed"] is True and "No space left" in summary["error"]
-    assert summary["interrupted"] is False
-    assert_rows_match_files(out)
+def test_full_disk_fails_with_one_line_and_a_summary_that_says_so(tmp_path):
+    with tmpfs(tmp_path / "small", "size=400k") as small:   # room for a few faces of the clip, not for all
+        out = small / "out"
+        proc = run_cli(VIDEO, "--out", out, "--topk", 5, "--min-face", 40, *FAST)
+        assert_one_line(proc, 1, "No space left on device")
+        assert "internal error" not in proc.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["failed"] is True and "No space left" in summary["error"]
+        assert summary["interrupted"] is False
+        assert_rows_match_files(out)
 
 
 def test_read_only_output_folder_is_refused_before_models_load(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         # A missing model would fail at load: the folder is reported first, so nothing was loaded.
         proc = run_cli(VIDEO, "--out", ro / "out", "--fr-model", tmp_path / "missing.onnx", "--iqa", "none")
         assert_one_line(proc, 2, "not writable")
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 # -- credentials
@@ -185,33 +191,6 @@ def http_server(folder: Path, tls: bool = False):
         server.server_close()
 
 
-@contextmanager
-def hangup_server():
-    """Accepts each connection and hangs up at once: a peer that never serves a stream (any scheme, TLS too)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    stop = threading.Event()
-
-    def serve():
-        sock.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                continue
-            conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        sock.close()
-
-
 def assert_no_password(proc, out: Path) -> None:
     assert PASSWORD not in proc.stdout and PASSWORD not in proc.stderr, proc.stderr
     for path in out.rglob("*") if out.exists() else []:
@@ -221,6 +200,8 @@ def assert_no_password(proc, out: Path) -> None:
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_http_credentials_appear_nowhere(scheme, tmp_path):
+    if scheme == "https" and shutil.which("openssl") is None:
+        pytest.skip("openssl (to make a test certificate) is not installed")
     served = tmp_path / "served"
     served.mkdir()
     remux(VIDEO, served / "clip.ts", "mpegts")
@@ -255,7 +236,7 @@ def test_rtsp_credentials_appear_nowhere(tmp_path):
 @pytest.mark.parametrize("scheme", ["rtsp", "rtsps", "http", "https"])
 def test_unreachable_credentialed_source_exits_3_without_the_password(scheme, tmp_path):
     out = tmp_path / "out"
-    with hangup_server() as port:
+    with silent_listener(hang_up=True) as port:
         proc = run_cli(f"{scheme}://user:{PASSWORD}@127.0.0.1:{port}/cam?password={PASSWORD}", "--out", out,
                        "--reconnect-max", 1, "--open-timeout", 3, *FAST)
     assert proc.returncode == 3, proc.stderr

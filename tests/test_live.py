@@ -163,8 +163,9 @@ def test_rtsp_ingest_survives_three_server_restarts(looped_clip, tmp_path):
 
 
 @contextmanager
-def silent_listener():
-    """Accepts TCP connections and never sends a byte (the peer that hangs av.open)."""
+def silent_listener(hang_up: bool = False):
+    """Accepts TCP connections and never sends a byte (the peer that hangs av.open); with `hang_up`, closes each
+    at once instead (a peer that never serves a stream, whatever the scheme)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(8)
@@ -174,9 +175,10 @@ def silent_listener():
         sock.settimeout(0.2)
         while not stop.is_set():
             try:
-                held.append(sock.accept()[0])
+                conn = sock.accept()[0]
             except OSError:
                 continue
+            conn.close() if hang_up else held.append(conn)
 
     t = threading.Thread(target=accept, daemon=True)
     t.start()

@@ -176,9 +176,7 @@ def http_server(folder: Path, tls: bool = False):
     handler = lambda *a, **kw: _Quiet(*a, directory=str(folder), **kw)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     if tls:
-        key, cert = folder / "key.pem", folder / "cert.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                        "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        cert, key = self_signed(folder)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
@@ -200,8 +198,6 @@ def assert_no_password(proc, out: Path) -> None:
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_http_credentials_appear_nowhere(scheme, tmp_path):
-    if scheme == "https" and shutil.which("openssl") is None:
-        pytest.skip("openssl (to make a test certificate) is not installed")
     served = tmp_path / "served"
     served.mkdir()
     remux(VIDEO, served / "clip.ts", "mpegts")
@@ -220,12 +216,28 @@ def test_http_credentials_appear_nowhere(scheme, tmp_path):
         assert PASSWORD.encode() not in extra.read_bytes()
 
 
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl (to make a test certificate) is not installed")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
 @needs_rtsp
-def test_rtsp_credentials_appear_nowhere(tmp_path):
+@pytest.mark.parametrize("scheme", ["rtsp", "rtsps"])
+def test_rtsp_credentials_appear_nowhere(scheme, tmp_path):
+    """rtsps: the server speaks TLS and serves the user with this password alone."""
     port = free_port()
     out = tmp_path / "out"
-    with rtsp_server(port, VIDEO):
-        proc = run_cli(f"rtsp://admin:{PASSWORD}@127.0.0.1:{port}/stream", "--out", out, "--max-frames", 150,
+    tls = [*self_signed(tmp_path), "admin", PASSWORD] if scheme == "rtsps" else []
+    with rtsp_server(port, VIDEO, *tls):
+        if tls:
+            wrong = run_cli(f"rtsps://admin:wrong@127.0.0.1:{port}/stream", "--out", tmp_path / "wrong",
+                            "--reconnect-max", 0, *FAST)
+            assert wrong.returncode == 3 and "401" in wrong.stderr, wrong.stderr
+        proc = run_cli(f"{scheme}://admin:{PASSWORD}@127.0.0.1:{port}/stream", "--out", out, "--max-frames", 150,
                        "--topk", 2, "--iqa", "none", "--fr-model", FR_MODEL)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "summary.json").read_text())["frames"] == 150

@@ -38,8 +38,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def rtsp_server(port: int, video: Path):
-    proc = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(video)], stdout=subprocess.PIPE,
+def rtsp_server(port: int, video: Path, *tls_and_user):
+    proc = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), str(video), *map(str, tls_and_user)],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"

@@ -22,23 +22,51 @@ class FaceCrops:
     mask_coverage: float   # fraction of the masked crop that is face
 
 
-def similarity_to_template(five: np.ndarray, size: int = 112) -> np.ndarray:
+def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
+    """The least-squares similarity (rotation, uniform scale, translation; no reflection) taking `src` onto `dst`
+    (Umeyama 1991), as a 2x3 matrix: the fit ArcFace-family models are trained with. None when `src` has no spread
+    or is not finite."""
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    if not (np.isfinite(src).all() and np.isfinite(dst).all()):
+        return None
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    var_s = (s ** 2).sum() / len(src)
+    if var_s < 1e-9:
+        return None
+    u, sig, vt = np.linalg.svd(d.T @ s / len(src))
+    flip = np.diag([1.0, -1.0 if np.linalg.det(u) * np.linalg.det(vt) < 0 else 1.0])
+    rot = u @ flip @ vt
+    scale = float((sig * np.diag(flip)).sum() / var_s)
+    return np.hstack([scale * rot, (mu_d - scale * rot @ mu_s)[:, None]]).astype(np.float32)
+
+
+def similarity_to_template(five: np.ndarray, size: int = 112, box: np.ndarray | None = None) -> np.ndarray:
+    """Least-squares fit of the 5 points to the ArcFace template. Points with no spread (a degenerate mesh) fall
+    back to the face box (or, without one, to the template's centre at unit scale), never to an error."""
     dst = ARCFACE_TEMPLATE * (size / 112.0)
-    m, _ = cv2.estimateAffinePartial2D(five, dst, method=cv2.LMEDS)
-    if m is None:   # degenerate points: least squares on all five
-        m, _ = cv2.estimateAffinePartial2D(five, dst, method=0)
-    return m
+    m = umeyama(five, dst)
+    if m is not None:
+        return m
+    if box is not None and np.isfinite(box).all() and box[2] > box[0]:
+        return _square_warp_matrix(box, size)
+    centre = np.nan_to_num(np.asarray(five, np.float64)).mean(0)
+    return np.array([[1, 0, dst[:, 0].mean() - centre[0]], [0, 1, dst[:, 1].mean() - centre[1]]], np.float32)
 
 
-def align_face(image: np.ndarray, five: np.ndarray, size: int = 112) -> np.ndarray:
-    return cv2.warpAffine(image, similarity_to_template(five, size), (size, size), flags=cv2.INTER_LINEAR,
+def align_face(image: np.ndarray, five: np.ndarray, size: int = 112, box: np.ndarray | None = None) -> np.ndarray:
+    return cv2.warpAffine(image, similarity_to_template(five, size, box), (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT)
 
 
-def _square_warp(image: np.ndarray, box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _square_warp_matrix(box: np.ndarray, size: int) -> np.ndarray:
     scale = size / float(box[2] - box[0])
-    m = np.array([[scale, 0, -box[0] * scale], [0, scale, -box[1] * scale]], np.float32)
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return np.array([[scale, 0, -box[0] * scale], [0, scale, -box[1] * scale]], np.float32)
+
+
+def _square_warp(image: np.ndarray, box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    m = _square_warp_matrix(box, size)
+    interp = cv2.INTER_AREA if m[0, 0] < 1 else cv2.INTER_CUBIC
     return cv2.warpAffine(image, m, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT), m
 
 
@@ -57,7 +85,7 @@ def crop_face(image: np.ndarray, box: np.ndarray, landmarks: FaceLandmarks, alig
     mask = np.zeros((iqa_size, iqa_size), np.uint8)
     cv2.fillPoly(mask, [np.round(oval).astype(np.int32)], 1)
     masked *= mask[:, :, None]
-    return FaceCrops(aligned=align_face(image, landmarks.five, aligned_size), masked=masked,
+    return FaceCrops(aligned=align_face(image, landmarks.five, aligned_size, box), masked=masked,
                      context=context_crop(image, box, context_scale), mask_coverage=float(mask.mean()))
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from .align import crop_face
 from .batching import MicroBatcher
-from .cascade import IqaScheduler, sharpness, yaw_ratio
+from .cascade import IqaScheduler, yaw_ratio
 from .config import Config
 from .dataset import finalize as finalize_output, read_rows
 from .decode import Decoder, VideoFrame
@@ -36,6 +36,7 @@ from .errors import OutputError
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .landmarks import FaceMesher
+from .measures import measure
 from .models import default_models_dir, resolve_fr_model, sha256_of
 from .outdir import METADATA, OutputDir, atomic_write, check_output_file, writing
 from .select import Selector, ScoredFace, SerfiqRule, pose_bin
@@ -295,14 +296,16 @@ class _Run:
             with timer("align"):
                 crops = crop_face(frame.image, dets.xyxy[i], lm, cfg.faces.aligned_size, cfg.faces.iqa_size,
                                   cfg.output.context_scale)
-                sharp = sharpness(crops.aligned)
+            with timer("measures"):
+                capture = measure(frame.image, dets.xyxy[i], crops.aligned, lm.five, lm.mesh)
+            sharp = capture.sharpness
             if sharp < cfg.cascade.min_sharpness:
                 self.counts["gate_blur"] += 1
                 continue
             self.serfiq_batch.add(ScoredFace(
                 track_id=tid, frame_index=frame.index, pts_time=frame.pts_time, bbox=dets.xyxy[i],
                 det_score=float(dets.confidence[i]), landmarks=lm.five, serfiq=math.nan, embedding=None,
-                iqa=None, score=math.nan, sharpness=sharp, yaw=yaw, crops=crops,
+                iqa=None, score=math.nan, sharpness=sharp, yaw=yaw, crops=crops, measures=capture,
                 pose=pose_bin(yaw, cfg.diversity.frontal_yaw)))
         self._pump()
         self._snapshot(frame.pts_time)

@@ -32,6 +32,7 @@ class ScoredFace:
     crops: object = None      # align.FaceCrops, encoded only if the face is written
     quality: float = 0.0      # the ranker's measure, higher is better (oriented IQA for cafi)
     pose: str = "frontal"     # frontal | left | right (pose_bin of yaw)
+    measures: object = None   # measures.CaptureMeasures
 
 
 POSES = ("frontal", "left", "right")

@@ -79,6 +79,7 @@ class OutputWriter:
                 landmarks=_round(f.landmarks), serfiq=float(f.serfiq), iqa_model=self.iqa_name,
                 iqa=None if f.iqa is None else float(f.iqa), quality=float(f.quality), score=float(f.score),
                 sharpness=round(f.sharpness, 2), yaw=round(f.yaw, 3), pose=f.pose,
+                capture=f.measures.as_dict() if f.measures is not None else None,
                 similarity=round(float(similarity), 4) if len(kept) > 1 else None,
                 track_start=round(span[0], 4), track_end=round(span[1], 4), embedding=_round(f.embedding, 6))
             rows.append(row)
@@ -162,7 +163,8 @@ class ScoresLog:
         self._tracks.setdefault(face.track_id, {})[face.frame_index] = {
             "frame_index": face.frame_index, "pts_time": round(face.pts_time, 4), "track_id": face.track_id,
             "bbox": _round(face.bbox), "det_score": round(face.det_score, 4), "sharpness": round(face.sharpness, 2),
-            "yaw": round(face.yaw, 3), "serfiq": float(face.serfiq), "iqa": None, "quality": None}
+            "yaw": round(face.yaw, 3), "serfiq": float(face.serfiq), "iqa": None, "quality": None,
+            "capture": face.measures.as_dict() if face.measures is not None else None}
 
     def update(self, face) -> None:
         row = self._tracks.get(face.track_id, {}).get(face.frame_index)

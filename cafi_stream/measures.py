@@ -1,0 +1,150 @@
+"""Stage 4c: capture-quality measures of a face, after the families of ISO/IEC 29794-5 (whose reference
+implementation is BSI's OFIQ). Each is cheap (well under 1 ms per face on one CPU core): they are computed for
+every scored face, written to `--scores-out` and to every kept face's row, and can be used as gates or signals.
+
+Photometric measures read the luma of the aligned 112x112 face (ArcFace geometry, so every face is measured on
+the same region); blockiness reads the source pixels, where a codec's 8x8 grid is; pose and eye/mouth opening
+read the landmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from .cascade import sharpness, yaw_ratio
+
+# The inner face of the 112x112 aligned crop (brows to chin, cheek to cheek): background and hair stay out.
+_INNER = (slice(28, 104), slice(22, 90))
+_NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+# Mesh indices (mediapipe face mesh): eye contours as p1..p6 (corner, top, top, corner, bottom, bottom), mouth.
+_RIGHT_EYE = (33, 160, 158, 133, 153, 144)
+_LEFT_EYE = (362, 385, 387, 263, 373, 380)
+_MOUTH = (61, 291, 13, 14)   # corners, inner upper lip, inner lower lip
+_FRONTAL_PITCH = 0.494       # nose height between the eye and mouth lines on the ArcFace template
+
+
+@dataclass(frozen=True)
+class CaptureMeasures:
+    luminance_mean: float       # mean luma of the inner face, 0..1
+    luminance_std: float        # its spread (low: flat or washed-out light)
+    under_exposure: float       # share of inner-face pixels at luma <= 25/255
+    over_exposure: float        # share at luma >= 240/255
+    dynamic_range: float        # 1st..99th percentile of luma, 0..1
+    illumination_uniformity: float   # darker half / brighter half of the face (1: evenly lit)
+    sharpness: float            # variance of the Laplacian of the aligned face
+    noise: float                # Immerkær's noise sigma of the inner face, in 8-bit levels
+    blockiness: float           # luma steps across the 8x8 grid / steps inside blocks (1: none)
+    yaw: float                  # nose offset along the eye line, in eye distances (0: frontal)
+    pitch: float                # nose height between eye and mouth lines, minus the frontal value
+    roll: float                 # angle of the eye line, degrees
+    eyes_open: float | None     # mean eye aspect ratio (about 0.25-0.35 open, under 0.15 closed); None: no mesh
+    mouth_open: float | None    # inner-lip gap / mouth width; None: no mesh
+
+    def as_dict(self, digits: int = 4) -> dict:
+        return {k: (None if v is None else round(float(v), digits)) for k, v in asdict(self).items()}
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def exposure(inner: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(mean, std, under-exposed share, over-exposed share, 1-99 percentile range) of 8-bit luma, on 0..1."""
+    hist = np.bincount(inner.ravel(), minlength=256).astype(np.float64)
+    n = hist.sum()
+    levels = np.arange(256)
+    mean = float((hist * levels).sum() / n)
+    std = float(math.sqrt(max(0.0, (hist * (levels - mean) ** 2).sum() / n)))
+    cdf = np.cumsum(hist) / n
+    lo, hi = int(np.searchsorted(cdf, 0.01)), int(np.searchsorted(cdf, 0.99))
+    return mean / 255, std / 255, float(cdf[25]), float(1 - cdf[239]), (hi - lo) / 255
+
+
+def uniformity(inner: np.ndarray) -> float:
+    """Mean luma of the darker face half over the brighter one (side light makes it small)."""
+    half = inner.shape[1] // 2
+    left, right = float(inner[:, :half].mean()), float(inner[:, half:].mean())
+    return min(left, right) / max(left, right, 1e-6)
+
+
+def noise_sigma(inner: np.ndarray) -> float:
+    """Immerkær (1996) fast noise estimate: the image's response to a Laplacian-difference kernel that cancels
+    smooth structure, as a Gaussian sigma in 8-bit levels."""
+    h, w = inner.shape
+    response = cv2.filter2D(inner.astype(np.float32), -1, _NOISE_KERNEL)[1:-1, 1:-1]
+    return float(np.abs(response).sum() * math.sqrt(math.pi / 2) / (6 * (w - 2) * (h - 2)))
+
+
+def blockiness(frame: np.ndarray, box: np.ndarray, max_side: int = 128) -> float:
+    """Mean absolute luma step across the frame's 8x8 block boundaries over the step inside blocks, in the central
+    part of the face box (at most `max_side` pixels a side, in source pixels so that the codec's grid holds)."""
+    h, w = frame.shape[:2]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    half = min((box[2] - box[0]) / 2, max_side / 2)
+    x0, y0 = max(0, int(cx - half)) // 8 * 8, max(0, int(cy - half)) // 8 * 8
+    x1, y1 = min(w, int(cx + half)), min(h, int(cy + half))
+    if x1 - x0 < 24 or y1 - y0 < 24:
+        return 1.0
+    y = luma(np.ascontiguousarray(frame[y0:y1, x0:x1])).astype(np.float32)
+    dx, dy = np.abs(np.diff(y, axis=1)), np.abs(np.diff(y, axis=0))
+    # diff column j is the step between pixels j and j+1: a block edge when (x0 + j + 1) % 8 == 0
+    edge_x, edge_y = (np.arange(dx.shape[1]) + 1) % 8 == 0, (np.arange(dy.shape[0]) + 1) % 8 == 0
+    across = (dx[:, edge_x].sum() + dy[edge_y].sum()) / max(1, dx[:, edge_x].size + dy[edge_y].size)
+    inside = (dx[:, ~edge_x].sum() + dy[~edge_y].sum()) / max(1, dx[:, ~edge_x].size + dy[~edge_y].size)
+    return float((across + 1.0) / (inside + 1.0))
+
+
+def head_pose(five: np.ndarray) -> tuple[float, float, float]:
+    """(yaw, pitch, roll) from the five points: yaw and pitch as ratios (0: frontal), roll in degrees."""
+    eye_r, eye_l, nose, mouth_r, mouth_l = np.asarray(five, np.float64)
+    axis = eye_l - eye_r
+    dist = float(np.hypot(*axis))
+    if dist <= 0:
+        return math.inf, math.inf, 0.0
+    ux = axis / dist
+    uy = np.array([-ux[1], ux[0]])   # down the face, in image coordinates
+    eye_mid, mouth_mid = (eye_r + eye_l) / 2, (mouth_r + mouth_l) / 2
+    yaw = yaw_ratio(five)
+    height = float(np.dot(mouth_mid - eye_mid, uy))
+    pitch = float(np.dot(nose - eye_mid, uy) / height - _FRONTAL_PITCH) if height > 0 else math.inf
+    roll = math.degrees(math.atan2(axis[1], axis[0]))
+    return yaw, pitch, roll
+
+
+def eye_aspect_ratio(mesh: np.ndarray, idx: tuple[int, ...]) -> float:
+    p = mesh[list(idx)]
+    width = float(np.linalg.norm(p[0] - p[3]))
+    return (float(np.linalg.norm(p[1] - p[5]) + np.linalg.norm(p[2] - p[4])) / (2 * width)) if width > 0 else 0.0
+
+
+def openness(mesh: np.ndarray | None) -> tuple[float | None, float | None]:
+    """(mean eye aspect ratio, mouth opening) from the face mesh, or (None, None) without one."""
+    if mesh is None or len(mesh) <= max(_LEFT_EYE):
+        return None, None
+    eyes = (eye_aspect_ratio(mesh, _RIGHT_EYE) + eye_aspect_ratio(mesh, _LEFT_EYE)) / 2
+    corner_r, corner_l, upper, lower = (mesh[i] for i in _MOUTH)
+    width = float(np.linalg.norm(corner_l - corner_r))
+    return eyes, (float(np.linalg.norm(lower - upper)) / width if width > 0 else 0.0)
+
+
+def measure(frame: np.ndarray, box: np.ndarray, aligned: np.ndarray, five: np.ndarray,
+            mesh: np.ndarray | None = None) -> CaptureMeasures:
+    """Every measure of one face: `frame` the source RGB frame, `box` its xyxy face box, `aligned` its 112x112
+    ArcFace crop (any square size works), `five` its 5 landmarks, `mesh` the dense mesh if there is one."""
+    gray = luma(aligned)
+    scale = gray.shape[0] / 112.0
+    inner = gray[int(_INNER[0].start * scale):int(_INNER[0].stop * scale),
+                 int(_INNER[1].start * scale):int(_INNER[1].stop * scale)]
+    mean, std, under, over, dyn = exposure(inner)
+    yaw, pitch, roll = head_pose(five)
+    eyes, mouth = openness(mesh)
+    return CaptureMeasures(
+        luminance_mean=mean, luminance_std=std, under_exposure=under, over_exposure=over, dynamic_range=dyn,
+        illumination_uniformity=uniformity(inner),
+        sharpness=sharpness(aligned),
+        noise=noise_sigma(inner), blockiness=blockiness(frame, box), yaw=yaw, pitch=pitch, roll=roll,
+        eyes_open=eyes, mouth_open=mouth)

@@ -1,9 +1,13 @@
 """Tracker: short occlusions keep the id, long gaps and shot cuts end the track."""
 
+import json
+import subprocess
+import sys
+
 import av
 import numpy as np
 
-from conftest import VIDEO
+from conftest import ROOT, VIDEO
 from cafi_stream.config import load_config
 from cafi_stream.detect import Detections
 from cafi_stream.track import FaceTracker, ShotCutDetector
@@ -34,8 +38,22 @@ def test_shot_cuts_in_the_real_clip():
     det = ShotCutDetector(load_config().track.shot_cut)
     with av.open(str(VIDEO)) as c:
         cuts = [i for i, f in enumerate(c.decode(video=0)) if det(f.to_ndarray(format="rgb24"))]
-    # The clip has a few hard cuts (stage, close-up, audience), not one per frame.
-    assert 1 <= len(cuts) <= 8, cuts
+    # Its three hard cuts (stage -> audience close-up -> stage -> audience, checked by eye); between them a head
+    # moves fast through the foreground and the performer gestures, which are not cuts.
+    assert cuts == [20, 82, 211]
+
+
+def test_light_colour_and_quality_changes_are_not_cuts():
+    """scripts/eval_cuts.py on real clips joined with known cuts, each second changed in light, colour or quality."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_cuts.py"), "--seconds", "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for split in ("fit", "report"):
+        ours, before = result[split]["block structure (default)"], result[split]["colour histogram (before)"]
+        assert ours["cuts"] >= 5 and ours["missed_cuts"] == 0, ours
+        assert ours["false_cuts_per_minute"] <= 2.0, ours   # measured: 0 on fit, 1.0-1.4 on report
+        assert before["false_cuts"] > 5 * max(1, ours["false_cuts"]), before
 
 
 def test_track_ends_by_time_when_frames_are_dropped():

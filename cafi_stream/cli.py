@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):   # one line and exit 2, without argparse's usage block
         known = self._option_string_actions
         unknown = [a for a in getattr(self, "_argv", []) if a.startswith("-") and a not in ("-", "--")
-                   and a.split("=", 1)[0] not in known]
+                   and a.split("=", 1)[0] not in known and not self._negative_number_matcher.match(a)]
         if unknown:   # argparse would only say that SOURCE is missing
             message = f"unknown option {unknown[0]}"
             if "." in unknown[0] or "/" in unknown[0]:

@@ -20,24 +20,31 @@ class TrackUpdate:
 
 
 class ShotCutDetector:
-    """A hard cut changes nearly the whole picture at once; light, colour and quality changes change none of its
-    coarse structure, and motion changes only part of it. Each frame becomes its 64x36 luma, smoothed and normalised
-    to zero mean and unit spread (which cancels global brightness and contrast: auto-exposure, low light; colour is
-    left out: white balance; the coarse smoothed scale averages away noise, blur and compression). A cut is a frame
-    where more than `threshold` of a 4x8 grid of blocks moved by more than BLOCK_CHANGE on average.
+    """A hard cut changes nearly the whole picture at once, in structure and in colour. Light, colour and quality
+    changes of the whole frame leave its coarse structure alone; motion, or a face that changes, changes only part
+    of it, and not the frame's colours. So a cut needs both:
+
+    - structure: each frame becomes its 64x36 luma, smoothed and normalised to zero mean and unit spread (which
+      cancels global brightness and contrast: auto-exposure, low light; colour is left out: white balance; the
+      coarse smoothed scale averages away noise, blur and compression); more than `threshold` of a 4x8 grid of
+      blocks must have moved by more than BLOCK_CHANGE on average;
+    - colour: the hue-saturation histograms of the two frames must differ (HistogramCutDetector at HIST_CHANGE,
+      the earlier rule alone, which every cut of the fit clips passes).
 
     BLOCK_CHANGE and the default threshold were chosen on the `fit` clips of scripts/eval_cuts.py alone (at 3, 5
     and 8 seconds a clip): BLOCK_CHANGE 0.4 of 0.3/0.4/0.5/0.6 for the widest gap between changes and cuts, and
     the threshold 0.39 in the middle of that gap (changes up to 0.31, cuts from 0.47)."""
 
     BLOCK_CHANGE = 0.4
+    HIST_CHANGE = 0.3
 
     def __init__(self, threshold: float):
         self.threshold = threshold
         self._prev = None
+        self._colour = HistogramCutDetector(self.HIST_CHANGE)
 
     def changed(self, image: np.ndarray) -> float | None:
-        """The share of blocks that changed since the previous frame (None for the first frame)."""
+        """The share of blocks whose structure changed since the previous frame (None for the first frame)."""
         small = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (64, 36), interpolation=cv2.INTER_AREA)
         z = cv2.GaussianBlur(small.astype(np.float32), (0, 0), 1.5)
         z -= z.mean()
@@ -50,12 +57,13 @@ class ShotCutDetector:
 
     def __call__(self, image: np.ndarray) -> bool:
         share = self.changed(image)
-        return share is not None and share > self.threshold
+        colour = self._colour(image)   # every frame, to keep its previous histogram current
+        return share is not None and share > self.threshold and colour
 
 
 class HistogramCutDetector:
-    """The earlier rule, kept for comparison (scripts/eval_cuts.py): Bhattacharyya distance between hue-saturation
-    histograms of consecutive frames. Global light, colour and quality changes trip it."""
+    """Bhattacharyya distance between hue-saturation histograms of consecutive frames: the earlier rule on its own
+    (scripts/eval_cuts.py compares it), which global light, colour and quality changes trip."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     result = {}
     for split, clips in split_clips().items():
         result[split] = {"clips": [c.name for c in clips],
-                         "block structure (default)": evaluate(ShotCutDetector(load_config().track.shot_cut), clips, args.seconds, args.size),
+                         "structure and colour (default)": evaluate(ShotCutDetector(load_config().track.shot_cut), clips, args.seconds, args.size),
                          "colour histogram (before)": evaluate(HistogramCutDetector(0.3), clips, args.seconds,
                                                                args.size)}
     text = json.dumps(result, indent=1)

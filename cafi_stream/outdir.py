@@ -32,7 +32,20 @@ IMAGE_DIRS = {"context": ("faces", "file_name", ".jpg"), "aligned": ("aligned", 
               "masked": ("masked", "masked_file", ".png")}
 LIVE_DIR = "live"
 RUN_FILES = (METADATA, SUMMARY, REPORT, PARQUET)
-# The names the tool gives its images (faces/t000003_f0000140.jpg) and live snapshots; nothing else is deleted.
+
+
+# The names the tool gives its images and live snapshots; deletes match them, so they are made here alone.
+def image_name(kind: str, track_id: int, frame_index: int, live: bool = False) -> str:
+    """faces/t000003_f0000140.jpg, or live/faces_t000003_f0000140.jpg for a snapshot."""
+    sub, _, ext = IMAGE_DIRS[kind]
+    stem = f"t{track_id:06d}_f{frame_index:07d}{ext}"
+    return f"{LIVE_DIR}/{sub}_{stem}" if live else f"{sub}/{stem}"
+
+
+def snapshot_name(track_id: int) -> str:
+    return f"{LIVE_DIR}/track_{track_id:06d}.json"
+
+
 _CROP = re.compile(r"t\d{6,}_f\d{7,}\.(?:jpg|png)")
 _LIVE = re.compile(r"(?:(?:faces|aligned|masked)_t\d{6,}_f\d{7,}\.(?:jpg|png)|track_\d{6,}\.json)")
 RUN_DIRS = {**{sub: _CROP for sub, _, _ in IMAGE_DIRS.values()}, LIVE_DIR: _LIVE}
@@ -92,8 +105,9 @@ def _nearest_existing(path: Path) -> Path:
 def check_output_file(path: str | Path, flag: str) -> None:
     """A file the user names for the tool to write (--scores-out, --stats-json): a writable place for a file."""
     p = Path(path).expanduser().absolute()
-    if _under_system_dir(p) is not None:
-        raise InputError(f"{flag} {path}: under {_under_system_dir(p)}, which is not a place for files")
+    system = _under_system_dir(p)
+    if system is not None:
+        raise InputError(f"{flag} {path}: under {system}, which is not a place for files")
     if p.is_dir():
         raise InputError(f"{flag} {path}: is a folder, not a file")
     if not p.parent.is_dir():

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 
 from .errors import OutputError
-from .outdir import IMAGE_DIRS, LIVE_DIR, METADATA, SUMMARY, OutputDir, atomic_write, writing
+from .outdir import (IMAGE_DIRS, LIVE_DIR, METADATA, SUMMARY, OutputDir, atomic_write, image_name, snapshot_name,
+                     writing)
 from .select import KeptFace
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,7 @@ class OutputWriter:
         np.fill_diagonal(sim, -np.inf)
         for k, similarity in zip(kept, sim.max(axis=1)):
             f = k.face
-            names = {kind: (f"{LIVE_DIR}/{sub}_t{track_id:06d}_f{f.frame_index:07d}{ext}" if live else
-                            f"{sub}/t{track_id:06d}_f{f.frame_index:07d}{ext}")
-                     for kind, (sub, _, ext) in IMAGE_DIRS.items()}
+            names = {kind: image_name(kind, track_id, f.frame_index, live) for kind in IMAGE_DIRS}
             if not (live and all((self.out_dir / n).exists() for n in names.values())):   # snapshots: once
                 images = encode_images(f.crops.context, f.crops.aligned, f.crops.masked, self.jpeg_quality)
                 for kind, name in names.items():
@@ -125,7 +124,7 @@ class OutputWriter:
             return
         with writing(self.out.given):
             rows = self._rows(track_id, kept, True, span, [])
-            atomic_write(self.out_dir / LIVE_DIR / f"track_{track_id:06d}.json", (json.dumps(rows) + "\n").encode())
+            atomic_write(self.out_dir / snapshot_name(track_id), (json.dumps(rows) + "\n").encode())
         files = {row[column] for row in rows for _, column, _ in IMAGE_DIRS.values()}
         self._discard(self._snapshots.get(track_id, set()) - files)
         self._snapshots[track_id] = files
@@ -134,7 +133,7 @@ class OutputWriter:
         files = self._snapshots.pop(track_id, None)
         if files is None:
             return
-        (self.out_dir / LIVE_DIR / f"track_{track_id:06d}.json").unlink(missing_ok=True)
+        (self.out_dir / snapshot_name(track_id)).unlink(missing_ok=True)
         self._discard(files)
 
     def write_summary(self, summary: dict) -> Path:

@@ -78,6 +78,20 @@ def test_crafted_output_folder_deletes_and_overwrites_nothing_outside(tmp_path):
     assert assert_rows_match_files(out)
 
 
+def test_only_names_the_writer_gives_are_ever_deleted(tmp_path):
+    from cafi_stream.outdir import IMAGE_DIRS, OutputDir, image_name, snapshot_name
+
+    out = OutputDir(tmp_path)
+    names = [image_name(k, 3, 140, live) for k in IMAGE_DIRS for live in (False, True)] + [snapshot_name(3)]
+    others = ["faces/holiday.jpg", "notes.txt", "faces/t3_f140.jpg"]
+    for name in names + others:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    for name in names + others:
+        out.remove_image(name)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(others)
+
+
 def test_a_rerun_never_removes_an_earlier_run_silently(tmp_path):
     out = tmp_path / "out"
     first = run_cli(VIDEO, "--out", out, "--topk", 2, *FAST)

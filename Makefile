@@ -26,8 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Regenerates docs/results/ and the README's "Results" tables (about 10 minutes on 2 cores).
+# Regenerates docs/results/ and the README's "Results" tables (about 30 minutes on 2 cores).
 eval: $(STAMP)
 	$(PY) scripts/eval_selection.py --out docs/results --readme README.md
 	$(PY) scripts/eval_fiqa.py --out docs/results --readme README.md
+	$(PY) scripts/eval_real.py --out docs/results --readme README.md
+	$(PY) scripts/eval_cuts.py --out docs/results/cuts.json
 	rm -rf docs/results/runs docs/results/eval_video.mp4 docs/results/ground_truth.json

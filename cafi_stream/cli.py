@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from .config import FUSIONS, RANKERS
 from .errors import CafiError
 from .sources import redact
 
@@ -63,9 +64,9 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where torch and ONNX Runtime run")
     p.add_argument("--backend", choices=["auto", "tensorrt", "ort", "torch"],
                    help="inference backend for the scoring networks (default auto: the fastest available)")
-    p.add_argument("--ranker", choices=["cafi", "serfiq", "sharpness", "detector", "random"],
+    p.add_argument("--ranker", choices=RANKERS,
                    help="how faces are ranked (default cafi; the others are baselines)")
-    p.add_argument("--fusion", choices=["filter", "zsum", "zmin"], help="how cafi combines SER-FIQ and IQA")
+    p.add_argument("--fusion", choices=FUSIONS, help="how cafi combines its signals")
     if not batch:   # one file per run; a batch records its videos in its own folder
         p.add_argument("--scores-out", help="write one JSON line per scored face, with whether it was kept")
     p.add_argument("--exhaustive", action="store_true", default=None,

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import InputError
 
 RANKERS = ("cafi", "serfiq", "sharpness", "detector", "random")
-FUSIONS = ("filter", "zsum", "zmin")
+FUSIONS = ("learned", "filter", "zsum", "zmin")
 
 
 @dataclass

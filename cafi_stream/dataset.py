@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from .config import Config
+from .fusion import ranking_fusion
 from .identity import assign_identities, top_per_identity
 from .outdir import IMAGE_DIRS, METADATA, PARQUET, TMP_PREFIX, TMP_SUFFIX, OutputDir, atomic_write, writing
 from .report import write_report
@@ -46,7 +47,7 @@ def finalize(out: OutputDir, rows: list[dict], cfg: Config, exports=(), title: s
     out_dir = out.root
     assign_identities(rows, cfg.identity.threshold)
     if cfg.identity.per == "identity":
-        fusion = cfg.rank.fusion if any(r.get("iqa_model") for r in rows) and cfg.rank.method == "cafi" else "filter"
+        fusion = ranking_fusion(cfg.rank, any(r.get("iqa_model") for r in rows))
         kept = top_per_identity(rows, cfg.output.topk, fusion, cfg.output.min_gap, cfg.diversity.max_similarity,
                                 cfg.diversity.pose_bins)
         if prune:

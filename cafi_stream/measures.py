@@ -36,6 +36,7 @@ class CaptureMeasures:
     dynamic_range: float        # 1st..99th percentile of luma, 0..1
     illumination_uniformity: float   # darker half / brighter half of the face (1: evenly lit)
     sharpness: float            # variance of the Laplacian of the aligned face
+    detail: float               # the same at a coarser scale (sigma 1 px): blur lowers it, noise hardly raises it
     noise: float                # Immerkær's noise sigma of the inner face, in 8-bit levels
     blockiness: float           # luma steps across the 8x8 grid / steps inside blocks (1: none)
     yaw: float                  # nose offset along the eye line, in eye distances (0: frontal)
@@ -71,12 +72,23 @@ def uniformity(inner: np.ndarray) -> float:
     return min(left, right) / max(left, right, 1e-6)
 
 
+def detail(gray: np.ndarray) -> float:
+    """Variance of the Laplacian of the face luma smoothed by a Gaussian of sigma 1 px (at 112 px a face): detail
+    at a scale coarser than pixel noise, so blur and low resolution lower it while sensor noise, which inflates
+    plain sharpness many times, raises it little."""
+    return float(cv2.Laplacian(cv2.GaussianBlur(gray.astype(np.float32), (0, 0), gray.shape[0] / 112.0),
+                               cv2.CV_32F).var())
+
+
 def noise_sigma(inner: np.ndarray) -> float:
-    """Immerkær (1996) fast noise estimate: the image's response to a Laplacian-difference kernel that cancels
-    smooth structure, as a Gaussian sigma in 8-bit levels."""
-    h, w = inner.shape
-    response = cv2.filter2D(inner.astype(np.float32), -1, _NOISE_KERNEL)[1:-1, 1:-1]
-    return float(np.abs(response).sum() * math.sqrt(math.pi / 2) / (6 * (w - 2) * (h - 2)))
+    """Immerkær (1996) fast noise estimate: the response to a Laplacian-difference kernel that cancels smooth
+    structure, as a Gaussian sigma in 8-bit levels, over the flatter half of the face only (Tai and Yang's edge
+    suppression), so that skin texture, beards and hair read as detail, not as noise."""
+    img = inner.astype(np.float32)
+    response = np.abs(cv2.filter2D(img, -1, _NOISE_KERNEL))[1:-1, 1:-1]
+    grad = (np.abs(cv2.Sobel(img, cv2.CV_32F, 1, 0)) + np.abs(cv2.Sobel(img, cv2.CV_32F, 0, 1)))[1:-1, 1:-1]
+    flat = grad <= np.median(grad)
+    return float(response[flat].mean() * math.sqrt(math.pi / 2) / 6)
 
 
 def blockiness(frame: np.ndarray, box: np.ndarray, max_side: int = 128) -> float:
@@ -145,6 +157,6 @@ def measure(frame: np.ndarray, box: np.ndarray, aligned: np.ndarray, five: np.nd
     return CaptureMeasures(
         luminance_mean=mean, luminance_std=std, under_exposure=under, over_exposure=over, dynamic_range=dyn,
         illumination_uniformity=uniformity(inner),
-        sharpness=sharpness(aligned),
+        sharpness=sharpness(aligned), detail=detail(gray),
         noise=noise_sigma(inner), blockiness=blockiness(frame, box), yaw=yaw, pitch=pitch, roll=roll,
         eyes_open=eyes, mouth_open=mouth)

@@ -16,7 +16,7 @@ import random
 import signal
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from .decode import Decoder, VideoFrame
 from .detect import FaceDetector, detection_stride
 from .backend import resolve_device
 from .errors import OutputError
+from .fusion import FusionModel, ranking_fusion
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .landmarks import FaceMesher
@@ -146,16 +147,17 @@ class _Run:
         # Baseline rankers rank every scored face by their own measure: no SER-FIQ rule, no IQA.
         rule = SerfiqRule(cfg.serfiq.track_quantile, min_score) if self.method == "cafi" else SerfiqRule(0.0)
         self.iqa = models.iqa if self.method == "cafi" else None
-        self.selector = Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor,
-                                 fusion=cfg.rank.fusion if self.iqa is not None else "filter",
-                                 max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins)
+        fusion = ranking_fusion(cfg.rank, self.iqa is not None)
+        self.selector = Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor, fusion=fusion,
+                                 max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins,
+                                 model=FusionModel.load(iqa=self.iqa is not None) if fusion == "learned" else None)
         self.scores = ScoresLog(scores_out) if scores_out is not None else None
         c = cfg.cascade
         self.exhaustive = c.exhaustive
         self.scheduler = IqaScheduler(c.iqa_budget, c.iqa_burst, window=max(c.iqa_window, cfg.output.min_gap),
                                       max_age=c.max_age,
                                       exhaustive=c.exhaustive,
-                                      could_enter=lambda f: self.selector.could_enter(f.track_id, f.sharpness))
+                                      could_enter=lambda f: self.selector.could_enter(f.track_id, f.proxy))
         rt = cfg.runtime
         # Files wait for a batch in video time, so batches (and any float differences between batch sizes) are the
         # same on every run and machine; live streams wait in wall time, which bounds their latency.
@@ -170,6 +172,7 @@ class _Run:
         self.now = 0.0
         self.detect_passes = 0
         self.largest_face = 0.0
+        self.cut_frames: deque[int] = deque(maxlen=1000)   # the latest cuts' frame indices, for the summary
 
     # -- engines, called by the micro-batchers
     def _run_serfiq(self, faces: list[ScoredFace]) -> list[tuple[float, np.ndarray]]:
@@ -211,13 +214,13 @@ class _Run:
             if not self.exhaustive:
                 face.score = score
                 self.selector.offer_fallback(face)
-            self.scheduler.submit(face.track_id, face.pts_time, face.sharpness, face)
+            self.scheduler.submit(face.track_id, face.pts_time, face.proxy, face)
         if self.iqa is None:
             return
         for face in self.scheduler.due(self.now, track_id=ending):
             self.iqa_batch.add(face)
         for face, value in (self.iqa_batch.flush() if flush else self.iqa_batch.poll()):
-            face = dataclasses.replace(face, iqa=value, quality=self.iqa.oriented(value))
+            face = dataclasses.replace(face, iqa=value, quality=self.iqa.oriented(value), signals=None)
             with self.timer("select"):
                 self.selector.offer(face)
             if self.scores is not None:
@@ -260,6 +263,7 @@ class _Run:
         with timer("track"):
             cut = self.tracker.check_cut(frame.image)
         if cut:
+            self.cut_frames.append(frame.index)
             self._end_tracks(self.tracker.finish())
         if frame.index % self.stride:
             self._pump()
@@ -305,7 +309,7 @@ class _Run:
             self.serfiq_batch.add(ScoredFace(
                 track_id=tid, frame_index=frame.index, pts_time=frame.pts_time, bbox=dets.xyxy[i],
                 det_score=float(dets.confidence[i]), landmarks=lm.five, serfiq=math.nan, embedding=None,
-                iqa=None, score=math.nan, sharpness=sharp, yaw=yaw, crops=crops, measures=capture,
+                iqa=None, score=math.nan, sharpness=sharp, proxy=capture.detail, yaw=yaw, crops=crops, measures=capture,
                 pose=pose_bin(yaw, cfg.diversity.frontal_yaw)))
         self._pump()
         self._snapshot(frame.pts_time)
@@ -374,6 +378,7 @@ class _Run:
             "faces_kept": self.writer.rows,
             "faces": faces,
             "shot_cuts": self.tracker.shot_cuts,
+            "shot_cut_frames": list(self.cut_frames),
             "detection_stride": self.stride,
             "seconds": seconds,
             "fps": round(frames / wall, 2) if wall > 0 else None,

@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from .fusion import FusionModel, RunningStats, signal_vector
+
 _BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
 
 
@@ -27,12 +29,14 @@ class ScoredFace:
     embedding: np.ndarray     # (E,) L2-normalised
     iqa: float | None         # raw metric value (None when IQA is off or was not spent on this face)
     score: float              # ranking key, higher is better (set by the Selector from `quality`)
-    sharpness: float = 0.0    # cheap quality proxy the cascade ranks IQA candidates by
+    sharpness: float = 0.0    # Laplacian variance of the aligned face (the `sharpness` baseline ranks by it)
+    proxy: float = 0.0        # cheap quality proxy the cascade ranks IQA candidates by (measures.detail)
     yaw: float = 0.0
     crops: object = None      # align.FaceCrops, encoded only if the face is written
     quality: float = 0.0      # the ranker's measure, higher is better (oriented IQA for cafi)
     pose: str = "frontal"     # frontal | left | right (pose_bin of yaw)
     measures: object = None   # measures.CaptureMeasures
+    signals: np.ndarray | None = None   # fusion.signal_vector, set when the Selector first ranks the face
 
 
 POSES = ("frontal", "left", "right")
@@ -114,6 +118,7 @@ class TrackPool:
         self.hist = np.zeros(_BINS, np.int32)
         self.serfiq = Running()
         self.quality = Running()
+        self.signals = RunningStats()
         self.faces: list[ScoredFace] = []
 
     def observe(self, serfiq: float) -> None:
@@ -136,14 +141,19 @@ class TrackPool:
 
 
 class Selector:
-    """`fusion` "filter": SER-FIQ rule, then rank by quality. "zsum" / "zmin": rank by the sum / the smaller of
-    the per-track z-scores of SER-FIQ and quality, with no hard filter (`rule.min_score` still applies)."""
+    """`fusion` "learned": rank by `model` (fusion.FusionModel) over SER-FIQ, IQA and the capture measures.
+    "filter": SER-FIQ rule, then rank by quality. "zsum" / "zmin": rank by the sum / the smaller of the per-track
+    z-scores of SER-FIQ and quality. Only "filter" drops faces by the track's rule (`rule.min_score` always
+    applies)."""
 
     def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3, fusion: str = "filter",
-                 max_similarity: float = 1.0, pose_bins: bool = False):
+                 max_similarity: float = 1.0, pose_bins: bool = False, model: FusionModel | None = None):
+        if fusion == "learned" and model is None:
+            raise ValueError("the learned fusion needs its model")
         self.topk = topk
         self.min_gap = min_gap
         self.fusion = fusion
+        self.model = model
         self.max_similarity = max_similarity   # cosine between the embeddings of two kept faces (1: off)
         self.pose_bins = pose_bins             # keep the best face of each pose bin first
         self.rule = rule if fusion == "filter" else SerfiqRule(quantile=0.0, min_score=rule.min_score)
@@ -166,13 +176,21 @@ class Selector:
         return quality
 
     def _score(self, pool: TrackPool, face: ScoredFace) -> float:
+        if self.fusion == "learned":
+            return self.model.score(self._signals(face), pool.signals)
         return self._fused(pool, face.serfiq, face.quality)
 
+    @staticmethod
+    def _signals(face: ScoredFace) -> np.ndarray:
+        if face.signals is None:
+            face.signals = signal_vector(face.serfiq, face.quality if face.iqa is not None else None, face.measures)
+        return face.signals
+
     def judge(self, track_id: int):
-        """(threshold, score(serfiq, quality)) of a track with its statistics so far: how `--scores-out` explains
-        each face's rank."""
+        """(threshold, score(face)) of a track with its statistics so far: how `--scores-out` explains each
+        face's rank."""
         pool = self._pool(track_id)
-        return self.rule.threshold(pool.hist), lambda s, q: self._fused(pool, s, q)
+        return self.rule.threshold(pool.hist), lambda face: self._score(pool, face)
 
     def offer_fallback(self, face: ScoredFace) -> bool:
         pool = self.fallback.get(face.track_id)
@@ -184,7 +202,7 @@ class Selector:
         """False when the track already holds top-k faces that all beat `proxy` on the cheap proxy."""
         pool = self.pools.get(track_id)
         faces = sorted(pool.faces, key=lambda f: -f.score)[:self.topk] if pool is not None else []
-        return len(faces) < self.topk or proxy > min(f.sharpness for f in faces)
+        return len(faces) < self.topk or proxy > min(f.proxy for f in faces)
 
     def passes(self, track_id: int, serfiq: float) -> bool:
         """Record a face's SER-FIQ score; True when it passes the track's threshold (and is worth an IQA call)."""
@@ -195,6 +213,8 @@ class Selector:
     def offer(self, face: ScoredFace) -> bool:
         pool = self._pool(face.track_id)
         pool.quality.add(face.quality)
+        if self.fusion == "learned":
+            pool.signals.add(self._signals(face))
         face.score = self._score(pool, face)
         return pool.offer(face)
 

@@ -79,6 +79,15 @@ class HistogramCutDetector:
         return cut
 
 
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two xyxy boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, float(w)) * max(0.0, float(h))
+    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+    return inter / union if union > 0 else 0.0
+
+
 class FaceTracker:
     def __init__(self, cfg: TrackConfig, fps: float, period: int = 1):
         self.cfg = cfg
@@ -90,7 +99,8 @@ class FaceTracker:
         self._ids: dict[int, int] = {}     # norfair id (per tracker instance) -> our id
         self._next_id = 1
         self.frames_seen: dict[int, int] = {}   # detections per live track
-        self.last_seen: dict[int, float] = {}   # last detection time per live track
+        self.last_seen: dict[int, float] = {}   # last detection time per open track
+        self.last_box: dict[int, np.ndarray] = {}   # last detected box per open track
         self.shot_cuts = 0
         from norfair import Detection   # noqa: F401  (norfair's first import costs ~0.7 s: pay it at start-up)
 
@@ -101,9 +111,7 @@ class FaceTracker:
                        hit_counter_max=self.hit_counter_max, initialization_delay=0)
 
     def _live(self) -> set[int]:
-        if self._tracker is None:
-            return set()
-        return {self._ids[o.id] for o in self._tracker.tracked_objects if o.id in self._ids}
+        return set(self.last_seen)
 
     def check_cut(self, image: np.ndarray) -> bool:
         """Whether `image` starts a new shot; the caller then ends every track with `finish`."""
@@ -112,13 +120,14 @@ class FaceTracker:
         return cut
 
     def update(self, detections: Detections, pts: float) -> TrackUpdate:
-        """Match `detections` (at time `pts`) to tracks. A track unseen for `max_gap` seconds ends, also when
-        frames were dropped and norfair, which counts updates, would keep it longer."""
+        """Match `detections` (at time `pts`) to tracks. A track ends when it has gone `max_gap` seconds without a
+        detection (also when frames were dropped and norfair, which counts updates, would keep it longer). Norfair
+        drops a young track after a few missed updates; a new one that starts on its last box within `max_gap`
+        takes its id, so a face whose detection flickers stays one track."""
         from norfair import Detection
 
         if self._tracker is None:
             self._tracker, self._ids = self._new_tracker(), {}
-        before = self._live()
         dets = [Detection(points=detections.xyxy[i].reshape(2, 2).astype(np.float64),
                           scores=np.repeat(float(detections.confidence[i]), 2), data=i)
                 for i in range(len(detections))]
@@ -130,31 +139,44 @@ class FaceTracker:
             if obj.id is None:
                 continue
             det = obj.last_detection
-            matched = det is not None and any(det is d for d in dets)
+            if det is None or not any(det is d for d in dets):
+                continue
+            box = detections.xyxy[det.data]
             if obj.id not in self._ids:
-                if not matched:
-                    continue
-                self._ids[obj.id] = self._next_id
-                self._next_id += 1
-            if matched:
-                tid = self._ids[obj.id]
-                ids[det.data] = tid
-                self.frames_seen[tid] = self.frames_seen.get(tid, 0) + 1
-                self.last_seen[tid] = pts
-        for nid, tid in list(self._ids.items()):
-            if pts - self.last_seen.get(tid, pts) > self.cfg.max_gap:
-                del self._ids[nid]   # ended by time: if norfair matches it again, it is a new track
-        ended = sorted(before - self._live())
+                self._ids[obj.id] = self._relink(box, pts)
+            tid = self._ids[obj.id]
+            ids[det.data] = tid
+            self.frames_seen[tid] = self.frames_seen.get(tid, 0) + 1
+            self.last_seen[tid] = pts
+            self.last_box[tid] = box
+        ended = sorted(tid for tid, t in self.last_seen.items() if pts - t > self.cfg.max_gap)
         for tid in ended:
-            self.last_seen.pop(tid, None)
+            del self.last_seen[tid]
+            self.last_box.pop(tid, None)
+        if ended:   # ended by time: if norfair matches it again, it is a new track
+            self._ids = {k: v for k, v in self._ids.items() if v not in ended}
         return TrackUpdate(track_ids=ids, ended=ended)
+
+    def _relink(self, box: np.ndarray, pts: float) -> int:
+        """The id for a track norfair just started: an open track that norfair lost, last seen on this box."""
+        held = set(self._ids.values())
+        best, best_iou = None, self.cfg.iou_threshold
+        for tid, last in self.last_box.items():
+            if tid not in held and pts - self.last_seen[tid] <= self.cfg.max_gap:
+                o = iou(last, box)
+                if o >= best_iou:
+                    best, best_iou = tid, o
+        if best is None:
+            best = self._next_id
+            self._next_id += 1
+        return best
 
     def finish(self) -> list[int]:
         """End every live track (end of input, or a shot cut)."""
         live = sorted(self._live())
         self._tracker = None
-        for tid in live:
-            self.last_seen.pop(tid, None)
+        self.last_seen.clear()
+        self.last_box.clear()
         return live
 
     @property

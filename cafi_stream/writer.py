@@ -157,6 +157,7 @@ class ScoresLog:
         with writing(self.path):
             self._f = open(self.path, "w", encoding="utf-8")
         self._tracks: dict[int, dict[int, dict]] = {}
+        self._faces: dict[int, dict[int, object]] = {}   # the latest version of each row's face
 
     def record(self, face) -> None:
         self._tracks.setdefault(face.track_id, {})[face.frame_index] = {
@@ -164,20 +165,23 @@ class ScoresLog:
             "bbox": _round(face.bbox), "det_score": round(face.det_score, 4), "sharpness": round(face.sharpness, 2),
             "yaw": round(face.yaw, 3), "serfiq": float(face.serfiq), "iqa": None, "quality": None,
             "capture": face.measures.as_dict() if face.measures is not None else None}
+        self._faces.setdefault(face.track_id, {})[face.frame_index] = face
 
     def update(self, face) -> None:
         row = self._tracks.get(face.track_id, {}).get(face.frame_index)
         if row is not None:
             row["iqa"] = None if face.iqa is None else float(face.iqa)
             row["quality"] = float(face.quality)
+            self._faces[face.track_id][face.frame_index] = face
 
     def close_track(self, track_id: int, kept: list[KeptFace], threshold: float, score) -> None:
         rows = self._tracks.pop(track_id, {})
+        faces = self._faces.pop(track_id, {})
         ranks = {k.face.frame_index: k.rank for k in kept}
         lines = []
         for frame, row in sorted(rows.items()):
             row["passed_serfiq"] = row["serfiq"] >= threshold
-            row["score"] = None if row["quality"] is None else float(score(row["serfiq"], row["quality"]))
+            row["score"] = None if row["quality"] is None else float(score(faces[frame]))
             row["kept"] = frame in ranks
             row["rank"] = ranks.get(frame)
             lines.append(json.dumps(row) + "\n")

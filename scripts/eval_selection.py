@@ -43,7 +43,8 @@ RANKERS = {
     "sharpness": {"rank": {"method": "sharpness"}},
     "detector": {"rank": {"method": "detector"}},
     "serfiq": {"rank": {"method": "serfiq"}},
-    "cafi": {},   # the default fusion ("zmin": the smaller of the per-track z-scores of SER-FIQ and IQA)
+    "cafi": {},   # the default fusion ("learned": SER-FIQ, IQA and the capture measures, cafi_stream/fusion.json)
+    "cafi_zmin": {"rank": {"fusion": "zmin"}},
     "cafi_filter_median": {"rank": {"fusion": "filter"}, "serfiq": {"track_quantile": 0.5}},
     "cafi_filter_absolute": {"rank": {"fusion": "filter"}, "serfiq": {"track_quantile": 0.0},
                              "_calibrate": True},

@@ -73,6 +73,7 @@ PHOTOMETRIC = {
     "luminance_mean": (_kind("dark"), -1), "under_exposure": (_kind("dark"), +1), "over_exposure": (_bright, +1),
     "luminance_std": (_flat, -1), "dynamic_range": (_flat, -1), "illumination_uniformity": (_side_light, -1),
     "sharpness": (_scaled(degrade.gaussian_blur, (1.0, 2.0, 4.0)), -1), "noise": (_kind("noise"), +1),
+    "detail": (_scaled(degrade.gaussian_blur, (1.0, 2.0, 4.0)), -1),
     "blockiness": (_kind("jpeg"), +1),
 }
 

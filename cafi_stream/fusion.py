@@ -1,0 +1,146 @@
+"""Stage 7a: the learned fusion that ranks a track's faces from SER-FIQ, the IQA score and the capture measures.
+
+Every signal is oriented so that higher should be better, then turned into a feature on a common scale:
+- "relative" signals (whose level depends on the person, the light and the camera: SER-FIQ, IQA, sharpness, ...)
+  become a z-score within the track (over its faces so far), clipped to [-3, tau]: far under the track's typical
+  value a signal keeps penalising, but above it the signal soon stops helping, so that no face is bought by one
+  excellent signal while another says it is broken;
+- "absolute" signals (noise in 8-bit levels, JPEG blockiness: physical quantities that blur and light do not push
+  past a clean face's level) become a penalty in [-3, 0] under a threshold that clean faces pass.
+The score is a weighted sum of the features, with weights that sum to 1, each at most `cap` (no signal decides
+alone, whichever IQA model is in use) and SER-FIQ and IQA each at least their `floor` (CAFI combines the two
+networks).
+
+The weights, tau, cap, floor and thresholds live in fusion.json beside this module, versioned, written by
+scripts/fit_fusion.py from the fit clips only (that script says which people those are).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+PARAMS = Path(__file__).with_name("fusion.json")
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    value: Callable[[dict], float | None]   # from the capture measures' dict (with "serfiq" and "iqa" added)
+    means: str
+    absolute: bool = False                  # a penalty under a fixed threshold, not a z-score within the track
+
+
+def _log(x, sign: float = 1.0):
+    return None if x is None else sign * math.log1p(max(0.0, float(x)))
+
+
+# The registry: one entry per signal. Higher is better for each, by construction.
+SIGNALS = (
+    Signal("serfiq", lambda m: m["serfiq"], "SER-FIQ: how stable the face's embedding is (recognisability)"),
+    Signal("iqa", lambda m: m["iqa"], "the IQA model's score, oriented so higher is better"),
+    Signal("sharpness", lambda m: _log(m["sharpness"]), "log Laplacian variance of the aligned face"),
+    Signal("detail", lambda m: _log(m["detail"]), "log Laplacian variance at a coarser scale (sigma 1 px)"),
+    Signal("noise", lambda m: _log(m["noise"], -1.0), "minus log noise sigma (Immerkaer) of the inner face", True),
+    Signal("luminance", lambda m: m["luminance_mean"], "mean luma of the inner face"),
+    Signal("dynamic_range", lambda m: m["dynamic_range"], "1st-99th percentile luma range"),
+    Signal("exposure", lambda m: -(m["under_exposure"] + m["over_exposure"]), "minus the clipped share"),
+    Signal("blockiness", lambda m: _log(m["blockiness"] - 1.0, -1.0), "minus log excess 8x8 grid steps", True),
+    Signal("uniformity", lambda m: m["illumination_uniformity"], "darker / brighter half of the face"),
+    Signal("frontal", lambda m: -abs(m["yaw"]), "minus |yaw|"),
+)
+NAMES = tuple(s.name for s in SIGNALS)
+
+
+def ranking_fusion(rank, with_iqa: bool) -> str:
+    """The fusion a run ranks by, from its [rank] config: `rank.fusion` for the cafi method ("learned" works
+    without an IQA model too; the z-score rules need one); baselines rank by their own measure alone ("filter")."""
+    if rank.method == "cafi" and (with_iqa or rank.fusion == "learned"):
+        return rank.fusion
+    return "filter"
+
+
+def signal_vector(serfiq: float, iqa: float | None, capture) -> np.ndarray:
+    """The raw oriented signals of one face (NaN where a signal is missing: no IQA call, no measures)."""
+    m = dict(capture.as_dict(digits=8) if hasattr(capture, "as_dict") else (capture or {}))
+    m["serfiq"], m["iqa"] = serfiq, iqa
+    out = np.full(len(SIGNALS), np.nan)
+    for i, s in enumerate(SIGNALS):
+        try:
+            v = s.value(m)
+        except (KeyError, TypeError):
+            v = None
+        if v is not None and math.isfinite(v):
+            out[i] = v
+    return out
+
+
+class RunningStats:
+    """Per-signal mean and standard deviation in O(1) memory (Welford), NaN entries skipped."""
+
+    def __init__(self, n: int = len(SIGNALS)):
+        self.n = np.zeros(n)
+        self.mean = np.zeros(n)
+        self._m2 = np.zeros(n)
+
+    def add(self, x: np.ndarray) -> None:
+        ok = np.isfinite(x)
+        self.n[ok] += 1
+        d = np.where(ok, x - self.mean, 0.0)
+        self.mean[ok] += d[ok] / self.n[ok]
+        self._m2[ok] += d[ok] * (x[ok] - self.mean[ok])
+
+    def z(self, x: np.ndarray) -> np.ndarray:
+        """z-scores of `x` under the statistics so far; 0 (the track's typical value) where unknown."""
+        std = np.sqrt(np.divide(self._m2, self.n, out=np.zeros_like(self._m2), where=self.n > 1))
+        z = np.divide(x - self.mean, std, out=np.zeros_like(self.mean), where=std > 1e-12)
+        return np.where(np.isfinite(z), z, 0.0)
+
+
+ABSOLUTE = np.array([s.absolute for s in SIGNALS])
+
+
+@dataclass(frozen=True)
+class FusionModel:
+    version: str
+    weights: np.ndarray          # per signal of SIGNALS (0 for one left out)
+    tau: float
+    thresholds: np.ndarray       # per signal: (threshold, scale) of an absolute signal, NaN for relative ones
+    cap: float
+    floor: dict[str, float]      # least weight of SER-FIQ and of IQA
+
+    @classmethod
+    def load(cls, path: Path = PARAMS, iqa: bool = True) -> "FusionModel":
+        """The packaged parameters; `iqa=False` takes the weights fitted without an IQA model (--iqa none)."""
+        p = json.loads(Path(path).read_text())
+        weights = p["with_iqa" if iqa else "without_iqa"]
+        return cls(version=p["version"], weights=np.array([weights.get(n, 0.0) for n in NAMES]), tau=p["tau"],
+                   thresholds=np.array([p["thresholds"].get(n, (np.nan, np.nan)) for n in NAMES], np.float64),
+                   cap=p["cap"], floor=p["floor"])
+
+    def features(self, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Features (..., signals) from raw signals `x` and their z-scores `z` within the track."""
+        t, s = self.thresholds[:, 0], self.thresholds[:, 1]
+        below = np.divide(t - x, s, out=np.zeros_like(z), where=ABSOLUTE & np.isfinite(x))
+        return np.where(ABSOLUTE, -np.clip(below, 0.0, 3.0), np.clip(z, -3.0, self.tau))
+
+    def score(self, x: np.ndarray, stats: RunningStats) -> float:
+        """One face's score from its raw signals and its track's statistics."""
+        return float(self.features(x, stats.z(x)) @ self.weights)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Scores of a group of faces' raw signals (faces x signals), standardised over the group."""
+        return self.features(x, standardise(x)) @ self.weights if len(x) else np.zeros(0)
+
+
+def standardise(x: np.ndarray) -> np.ndarray:
+    """z-scores of the rows of `x` (faces x signals) against their own statistics (NaN: 0)."""
+    stats = RunningStats(x.shape[1])
+    for row in x:
+        stats.add(row)
+    return np.stack([stats.z(row) for row in x]) if len(x) else np.zeros_like(x)

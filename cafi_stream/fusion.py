@@ -46,6 +46,7 @@ SIGNALS = (
     Signal("iqa", lambda m: m["iqa"], "the IQA model's score, oriented so higher is better"),
     Signal("sharpness", lambda m: _log(m["sharpness"]), "log Laplacian variance of the aligned face"),
     Signal("detail", lambda m: _log(m["detail"]), "log Laplacian variance at a coarser scale (sigma 1 px)"),
+    Signal("feature_detail", lambda m: _log(m["feature_detail"]), "log detail of the eyes and mouth (occlusion)"),
     Signal("noise", lambda m: _log(m["noise"], -1.0), "minus log noise sigma (Immerkaer) of the inner face", True),
     Signal("luminance", lambda m: m["luminance_mean"], "mean luma of the inner face"),
     Signal("dynamic_range", lambda m: m["dynamic_range"], "1st-99th percentile luma range"),

@@ -37,6 +37,7 @@ class CaptureMeasures:
     illumination_uniformity: float   # darker half / brighter half of the face (1: evenly lit)
     sharpness: float            # variance of the Laplacian of the aligned face
     detail: float               # the same at a coarser scale (sigma 1 px): blur lowers it, noise hardly raises it
+    feature_detail: float       # `detail` of the eyes and the mouth, the least of the three (an occluder flattens it)
     noise: float                # Immerkær's noise sigma of the inner face, in 8-bit levels
     blockiness: float           # luma steps across the 8x8 grid / steps inside blocks (1: none)
     yaw: float                  # nose offset along the eye line, in eye distances (0: frontal)
@@ -78,6 +79,19 @@ def detail(gray: np.ndarray) -> float:
     plain sharpness many times, raises it little."""
     return float(cv2.Laplacian(cv2.GaussianBlur(gray.astype(np.float32), (0, 0), gray.shape[0] / 112.0),
                                cv2.CV_32F).var())
+
+
+# Eye and mouth regions of the 112x112 ArcFace crop (rows, columns), around the template's landmarks.
+_FEATURES = ((slice(42, 62), slice(26, 52)), (slice(42, 62), slice(60, 86)), (slice(82, 103), slice(36, 77)))
+
+
+def feature_detail(gray: np.ndarray) -> float:
+    """`detail` of the left eye, the right eye and the mouth regions of the aligned face, the least of the three:
+    a hand, a mask or hair over any of them leaves a flat patch where a face always has detail."""
+    s = gray.shape[0] / 112.0
+    smooth = cv2.GaussianBlur(gray.astype(np.float32), (0, 0), s)
+    return float(min(cv2.Laplacian(smooth[int(r.start * s):int(r.stop * s), int(c.start * s):int(c.stop * s)],
+                                    cv2.CV_32F).var() for r, c in _FEATURES))
 
 
 def noise_sigma(inner: np.ndarray) -> float:
@@ -157,6 +171,6 @@ def measure(frame: np.ndarray, box: np.ndarray, aligned: np.ndarray, five: np.nd
     return CaptureMeasures(
         luminance_mean=mean, luminance_std=std, under_exposure=under, over_exposure=over, dynamic_range=dyn,
         illumination_uniformity=uniformity(inner),
-        sharpness=sharpness(aligned), detail=detail(gray),
+        sharpness=sharpness(aligned), detail=detail(gray), feature_detail=feature_detail(gray),
         noise=noise_sigma(inner), blockiness=blockiness(frame, box), yaw=yaw, pitch=pitch, roll=roll,
         eyes_open=eyes, mouth_open=mouth)

@@ -36,7 +36,8 @@ def test_running_statistics_match_the_batch_ones():
         stats.add(row)
     assert np.allclose(stats.z(x[-1]), standardise(x)[-1])
     ok = np.isfinite(x[:, 1])
-    assert stats.z(x[-1])[1] == pytest.approx((x[-1, 1] - x[ok, 1].mean()) / x[ok, 1].std())
+    assert stats.z(x[-2])[1] == pytest.approx((x[-2, 1] - x[ok, 1].mean()) / x[ok, 1].std())
+    assert stats.z(x[-1])[1] == 0.0   # no IQA score: the track's typical value
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,14 @@ def small_run(tmp_path_factory):
 
 def test_fusion_beats_random_on_unseen_people(small_run):
     truth, runs = small_run
-    (cafi, cafi_scored, _), (random, _, _) = runs["cafi"], runs["random"]
+    (cafi, cafi_scored, _), (random, random_scored, _) = runs["cafi"], runs["random"]
     assert len(cafi) >= 4 and len(random) >= 4
     clean = eval_real.clean_share(cafi, truth)
-    assert clean >= 0.8 and clean > eval_real.clean_share(random, truth) + 0.2, (clean, len(cafi))
+    # random choice keeps, on average, the clean share of the faces it chooses from (one draw of 6 is noisy)
+    expected_random = eval_real.clean_share(random_scored, truth)
+    assert clean >= 0.8 and clean > expected_random + 0.3, (clean, expected_random, len(cafi))
+    aucs = eval_real.auc_by_kind(cafi_scored, truth, lambda r: r["score"])
+    assert np.mean(list(aucs.values())) > 0.85, aucs
     # every scored face's row explains its rank with the same score the selector used
     assert all(r["score"] is not None for r in cafi_scored)
 

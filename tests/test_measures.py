@@ -74,6 +74,8 @@ PHOTOMETRIC = {
     "luminance_std": (_flat, -1), "dynamic_range": (_flat, -1), "illumination_uniformity": (_side_light, -1),
     "sharpness": (_scaled(degrade.gaussian_blur, (1.0, 2.0, 4.0)), -1), "noise": (_kind("noise"), +1),
     "detail": (_scaled(degrade.gaussian_blur, (1.0, 2.0, 4.0)), -1),
+    "feature_detail": (lambda img, box, level: degrade.camera(img, "occluder", level, None, box, place=(0.5, 0.45)),
+                       -1),
     "blockiness": (_kind("jpeg"), +1),
 }
 

@@ -33,7 +33,7 @@ from .decode import Decoder, VideoFrame
 from .detect import FaceDetector, detection_stride
 from .backend import resolve_device
 from .errors import OutputError
-from .fusion import FusionModel, ranking_fusion
+from .fusion import FusionModel, ranking_fusion, signal_vector
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .landmarks import FaceMesher
@@ -150,7 +150,8 @@ class _Run:
         fusion = ranking_fusion(cfg.rank, self.iqa is not None)
         self.selector = Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor, fusion=fusion,
                                  max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins,
-                                 model=FusionModel.load(iqa=self.iqa is not None) if fusion == "learned" else None)
+                                 model=FusionModel.load(iqa=self.iqa is not None) if fusion == "learned" else None,
+                                 cheap=FusionModel.load(iqa=False) if fusion == "learned" else None)
         self.scores = ScoresLog(scores_out) if scores_out is not None else None
         c = cfg.cascade
         self.exhaustive = c.exhaustive
@@ -197,8 +198,10 @@ class _Run:
     def _pump(self, flush: bool = False, ending: int | None = None) -> None:
         for face, (score, emb) in (self.serfiq_batch.flush() if flush else self.serfiq_batch.poll()):
             face.serfiq, face.embedding = score, emb
+            face.signals = signal_vector(score, None, face.measures)
             with self.timer("select"):
-                passes = self.selector.passes(face.track_id, score)
+                passes = self.selector.passes(face.track_id, score, face.signals)
+                face.proxy = self.selector.proxy(face)
             if self.scores is not None:
                 self.scores.record(face)
             if self.iqa is None:
@@ -220,7 +223,9 @@ class _Run:
         for face in self.scheduler.due(self.now, track_id=ending):
             self.iqa_batch.add(face)
         for face, value in (self.iqa_batch.flush() if flush else self.iqa_batch.poll()):
-            face = dataclasses.replace(face, iqa=value, quality=self.iqa.oriented(value), signals=None)
+            quality = self.iqa.oriented(value)
+            face = dataclasses.replace(face, iqa=value, quality=quality,
+                                       signals=signal_vector(face.serfiq, quality, face.measures))
             with self.timer("select"):
                 self.selector.offer(face)
             if self.scores is not None:

@@ -150,8 +150,7 @@ class _Run:
         fusion = ranking_fusion(cfg.rank, self.iqa is not None)
         self.selector = Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor, fusion=fusion,
                                  max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins,
-                                 model=FusionModel.load(iqa=self.iqa is not None) if fusion == "learned" else None,
-                                 cheap=FusionModel.load(iqa=False) if fusion == "learned" else None)
+                                 model=FusionModel.load(iqa=self.iqa is not None) if fusion == "learned" else None)
         self.scores = ScoresLog(scores_out) if scores_out is not None else None
         c = cfg.cascade
         self.exhaustive = c.exhaustive
@@ -200,8 +199,7 @@ class _Run:
             face.serfiq, face.embedding = score, emb
             face.signals = signal_vector(score, None, face.measures)
             with self.timer("select"):
-                passes = self.selector.passes(face.track_id, score, face.signals)
-                face.proxy = self.selector.proxy(face)
+                passes = self.selector.passes(face.track_id, score)
             if self.scores is not None:
                 self.scores.record(face)
             if self.iqa is None:

@@ -30,7 +30,7 @@ class ScoredFace:
     iqa: float | None         # raw metric value (None when IQA is off or was not spent on this face)
     score: float              # ranking key, higher is better (set by the Selector from `quality`)
     sharpness: float = 0.0    # Laplacian variance of the aligned face (the `sharpness` baseline ranks by it)
-    proxy: float = 0.0        # cheap quality proxy the cascade ranks IQA candidates by (Selector.proxy)
+    proxy: float = 0.0        # cheap quality proxy the cascade ranks IQA candidates by (measures.detail)
     yaw: float = 0.0
     crops: object = None      # align.FaceCrops, encoded only if the face is written
     quality: float = 0.0      # the ranker's measure, higher is better (oriented IQA for cafi)
@@ -118,8 +118,7 @@ class TrackPool:
         self.hist = np.zeros(_BINS, np.int32)
         self.serfiq = Running()
         self.quality = Running()
-        self.signals = RunningStats()   # of the faces offered (scored by IQA too, with the cascade)
-        self.cheap = RunningStats()     # of every face SER-FIQ scored, for the cascade's proxy
+        self.signals = RunningStats()
         self.faces: list[ScoredFace] = []
 
     def observe(self, serfiq: float) -> None:
@@ -148,15 +147,13 @@ class Selector:
     applies)."""
 
     def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3, fusion: str = "filter",
-                 max_similarity: float = 1.0, pose_bins: bool = False, model: FusionModel | None = None,
-                 cheap: FusionModel | None = None):
+                 max_similarity: float = 1.0, pose_bins: bool = False, model: FusionModel | None = None):
         if fusion == "learned" and model is None:
             raise ValueError("the learned fusion needs its model")
         self.topk = topk
         self.min_gap = min_gap
         self.fusion = fusion
         self.model = model
-        self.cheap = cheap   # the learned fusion without IQA: the cascade's proxy
         self.max_similarity = max_similarity   # cosine between the embeddings of two kept faces (1: off)
         self.pose_bins = pose_bins             # keep the best face of each pose bin first
         self.rule = rule if fusion == "filter" else SerfiqRule(quantile=0.0, min_score=rule.min_score)
@@ -207,20 +204,10 @@ class Selector:
         faces = sorted(pool.faces, key=lambda f: -f.score)[:self.topk] if pool is not None else []
         return len(faces) < self.topk or proxy > min(f.proxy for f in faces)
 
-    def proxy(self, face: ScoredFace) -> float:
-        """What the cascade ranks IQA candidates by: with the learned fusion, its score without IQA (`cheap`, the
-        weights fitted without it) under the track's statistics so far; else `face.proxy`."""
-        if self.cheap is None or face.signals is None:
-            return face.proxy
-        return self.cheap.score(face.signals, self._pool(face.track_id).cheap)
-
-    def passes(self, track_id: int, serfiq: float, signals: np.ndarray | None = None) -> bool:
-        """Record a face's SER-FIQ score (and its signals so far); True when it passes the track's threshold (and
-        is worth an IQA call)."""
+    def passes(self, track_id: int, serfiq: float) -> bool:
+        """Record a face's SER-FIQ score; True when it passes the track's threshold (and is worth an IQA call)."""
         pool = self._pool(track_id)
         pool.observe(serfiq)
-        if signals is not None:
-            pool.cheap.add(signals)
         return serfiq >= self.rule.threshold(pool.hist)
 
     def offer(self, face: ScoredFace) -> bool:

@@ -21,7 +21,8 @@ def test_selection_harness_serfiq_beats_random(tmp_path):
     r = report["rankers"]
     assert truth["frames"] == 360 and {f["kind"] for f in truth["faces"]} >= {"clean", "noise", "gauss"}
     assert r["serfiq"]["kept_matched"] >= 6
-    assert r["serfiq"]["clean_rate"] > r["random"]["clean_rate"]
+    # random choice keeps, on average, the video's clean share (0.4); one small random run is too noisy to beat
+    assert r["serfiq"]["clean_rate"] > 0.5
     assert r["serfiq"]["auc"] > 0.7 and abs(r["random"]["auc"] - 0.5) < 0.15
     assert (tmp_path / "selection.png").stat().st_size > 1000
 

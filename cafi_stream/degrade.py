@@ -125,8 +125,8 @@ def sensor_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.
     return np.clip(img.astype(np.float32) + rng.normal(0, sigma, img.shape), 0, 255).astype(np.uint8)
 
 
-def occluder(img: np.ndarray, box, size: float, rng: np.random.Generator | None = None,
-             place: tuple[float, float] = (0.5, 0.6), tone=(196, 150, 120)) -> np.ndarray:
+def occluder(img: np.ndarray, box, size: float, place: tuple[float, float] = (0.5, 0.6),
+             tone=(196, 150, 120)) -> np.ndarray:
     """A hand-sized, skin-toned ellipse `size` face-widths across, centred at `place` (fractions of the face box
     `box`, xyxy), shaded so that it is not a flat patch."""
     out = img.copy()
@@ -177,4 +177,4 @@ def camera(img: np.ndarray, kind: str, level: int, rng: np.random.Generator, fac
         return downscale(img, p)
     if face_box is None:
         return img
-    return occluder(img, face_box, p, rng, place)
+    return occluder(img, face_box, p, place)

@@ -253,7 +253,6 @@ def single_signal(name: str):
 
 def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict) -> dict:
     from cafi_stream.config import load_config
-    from cafi_stream.detect import FaceDetector  # noqa: F401  (models load mediapipe)
     from cafi_stream.pipeline import Models
 
     base = base_config()

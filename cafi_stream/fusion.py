@@ -17,6 +17,7 @@ scripts/fit_fusion.py from the fit clips only (that script says which people tho
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -81,6 +82,11 @@ def signal_vector(serfiq: float, iqa: float | None, capture) -> np.ndarray:
     return out
 
 
+def row_signals(row: dict) -> np.ndarray:
+    """`signal_vector` of a `--scores-out` or metadata.jsonl row (its IQA signal only if the face got an IQA call)."""
+    return signal_vector(row["serfiq"], row["quality"] if row.get("iqa") is not None else None, row.get("capture"))
+
+
 class RunningStats:
     """Per-signal mean and standard deviation in O(1) memory (Welford), NaN entries skipped."""
 
@@ -118,7 +124,7 @@ class FusionModel:
     @classmethod
     def load(cls, path: Path = PARAMS, iqa: bool = True) -> "FusionModel":
         """The packaged parameters; `iqa=False` takes the weights fitted without an IQA model (--iqa none)."""
-        p = json.loads(Path(path).read_text())
+        p = _params(str(path))
         weights = p["with_iqa" if iqa else "without_iqa"]
         return cls(version=p["version"], weights=np.array([weights.get(n, 0.0) for n in NAMES]), tau=p["tau"],
                    thresholds=np.array([p["thresholds"].get(n, (np.nan, np.nan)) for n in NAMES], np.float64),
@@ -137,6 +143,12 @@ class FusionModel:
     def scores(self, x: np.ndarray) -> np.ndarray:
         """Scores of a group of faces' raw signals (faces x signals), standardised over the group."""
         return self.features(x, standardise(x)) @ self.weights if len(x) else np.zeros(0)
+
+
+@functools.lru_cache(maxsize=4)
+def _params(path: str) -> dict:
+    """The parameter file, read once per process (identity-level ranking loads the model per identity)."""
+    return json.loads(Path(path).read_text())
 
 
 def standardise(x: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .fusion import FusionModel, signal_vector
+from .fusion import FusionModel, row_signals
 from .select import pick_diverse
 
 
@@ -93,9 +93,7 @@ def identity_scores(rows: list[dict], fusion: str) -> np.ndarray:
     """The per-track fusion rule applied over one identity's rows (its z-scores are the identity's)."""
     if fusion == "learned":
         with_iqa = any(r.get("iqa_model") for r in rows)
-        return FusionModel.load(iqa=with_iqa).scores(np.stack([
-            signal_vector(r["serfiq"], r["quality"] if r.get("iqa") is not None else None, r.get("capture"))
-            for r in rows]))
+        return FusionModel.load(iqa=with_iqa).scores(np.stack([row_signals(r) for r in rows]))
     s = np.array([r["serfiq"] for r in rows], np.float64)
     # A face its track kept without an IQA call (the cascade's SER-FIQ fallback) counts as average quality.
     q = np.array([np.nan if r.get("iqa_model") and r.get("iqa") is None else r["quality"] for r in rows], np.float64)

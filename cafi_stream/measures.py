@@ -73,25 +73,31 @@ def uniformity(inner: np.ndarray) -> float:
     return min(left, right) / max(left, right, 1e-6)
 
 
-def detail(gray: np.ndarray) -> float:
-    """Variance of the Laplacian of the face luma smoothed by a Gaussian of sigma 1 px (at 112 px a face): detail
-    at a scale coarser than pixel noise, so blur and low resolution lower it while sensor noise, which inflates
-    plain sharpness many times, raises it little."""
-    return float(cv2.Laplacian(cv2.GaussianBlur(gray.astype(np.float32), (0, 0), gray.shape[0] / 112.0),
-                               cv2.CV_32F).var())
+def smoothed(gray: np.ndarray) -> np.ndarray:
+    """The aligned face's luma under a Gaussian of sigma 1 px (at 112 px a face): the scale `detail` reads."""
+    return cv2.GaussianBlur(gray.astype(np.float32), (0, 0), gray.shape[0] / 112.0)
+
+
+def detail(smooth: np.ndarray) -> float:
+    """Variance of the Laplacian of the `smoothed` face: detail at a scale coarser than pixel noise, so blur and
+    low resolution lower it while sensor noise, which inflates plain sharpness many times, raises it little."""
+    return float(cv2.Laplacian(smooth, cv2.CV_32F).var())
 
 
 # Eye and mouth regions of the 112x112 ArcFace crop (rows, columns), around the template's landmarks.
 _FEATURES = ((slice(42, 62), slice(26, 52)), (slice(42, 62), slice(60, 86)), (slice(82, 103), slice(36, 77)))
 
 
-def feature_detail(gray: np.ndarray) -> float:
-    """`detail` of the left eye, the right eye and the mouth regions of the aligned face, the least of the three:
-    a hand, a mask or hair over any of them leaves a flat patch where a face always has detail."""
-    s = gray.shape[0] / 112.0
-    smooth = cv2.GaussianBlur(gray.astype(np.float32), (0, 0), s)
-    return float(min(cv2.Laplacian(smooth[int(r.start * s):int(r.stop * s), int(c.start * s):int(c.stop * s)],
-                                    cv2.CV_32F).var() for r, c in _FEATURES))
+def feature_detail(smooth: np.ndarray) -> float:
+    """`detail` of the left eye, the right eye and the mouth regions of the `smoothed` face, the least of the
+    three: a hand, a mask or hair over any of them leaves a flat patch where a face always has detail."""
+    return min(detail(_region(smooth, rows, cols)) for rows, cols in _FEATURES)
+
+
+def _region(img: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    """`img[rows, cols]` with the slices given for a 112x112 crop, scaled to `img`'s size."""
+    s = img.shape[0] / 112.0
+    return img[int(rows.start * s):int(rows.stop * s), int(cols.start * s):int(cols.stop * s)]
 
 
 def noise_sigma(inner: np.ndarray) -> float:
@@ -162,15 +168,14 @@ def measure(frame: np.ndarray, box: np.ndarray, aligned: np.ndarray, five: np.nd
     """Every measure of one face: `frame` the source RGB frame, `box` its xyxy face box, `aligned` its 112x112
     ArcFace crop (any square size works), `five` its 5 landmarks, `mesh` the dense mesh if there is one."""
     gray = luma(aligned)
-    scale = gray.shape[0] / 112.0
-    inner = gray[int(_INNER[0].start * scale):int(_INNER[0].stop * scale),
-                 int(_INNER[1].start * scale):int(_INNER[1].stop * scale)]
+    inner = _region(gray, *_INNER)
+    smooth = smoothed(gray)
     mean, std, under, over, dyn = exposure(inner)
     yaw, pitch, roll = head_pose(five)
     eyes, mouth = openness(mesh)
     return CaptureMeasures(
         luminance_mean=mean, luminance_std=std, under_exposure=under, over_exposure=over, dynamic_range=dyn,
         illumination_uniformity=uniformity(inner),
-        sharpness=sharpness(aligned), detail=detail(gray), feature_detail=feature_detail(gray),
+        sharpness=sharpness(aligned), detail=detail(smooth), feature_detail=feature_detail(smooth),
         noise=noise_sigma(inner), blockiness=blockiness(frame, box), yaw=yaw, pitch=pitch, roll=roll,
         eyes_open=eyes, mouth_open=mouth)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .fusion import FusionModel, RunningStats, signal_vector
+from .fusion import FusionModel, RunningStats
 
 _BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
 
@@ -36,7 +36,7 @@ class ScoredFace:
     quality: float = 0.0      # the ranker's measure, higher is better (oriented IQA for cafi)
     pose: str = "frontal"     # frontal | left | right (pose_bin of yaw)
     measures: object = None   # measures.CaptureMeasures
-    signals: np.ndarray | None = None   # fusion.signal_vector of the scores so far
+    signals: np.ndarray | None = None   # fusion.signal_vector of the scores so far (set by the pipeline)
 
 
 POSES = ("frontal", "left", "right")
@@ -177,14 +177,8 @@ class Selector:
 
     def _score(self, pool: TrackPool, face: ScoredFace) -> float:
         if self.fusion == "learned":
-            return self.model.score(self._signals(face), pool.signals)
+            return self.model.score(face.signals, pool.signals)
         return self._fused(pool, face.serfiq, face.quality)
-
-    @staticmethod
-    def _signals(face: ScoredFace) -> np.ndarray:
-        if face.signals is not None:
-            return face.signals
-        return signal_vector(face.serfiq, face.quality if face.iqa is not None else None, face.measures)
 
     def judge(self, track_id: int):
         """(threshold, score(face)) of a track with its statistics so far: how `--scores-out` explains each
@@ -214,7 +208,7 @@ class Selector:
         pool = self._pool(face.track_id)
         pool.quality.add(face.quality)
         if self.fusion == "learned":
-            pool.signals.add(self._signals(face))
+            pool.signals.add(face.signals)
         face.score = self._score(pool, face)
         return pool.offer(face)
 

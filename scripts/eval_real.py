@@ -43,7 +43,7 @@ SHARED = Path(os.environ.get("CAFI_SHARED_DATA", ROOT.parent / "shared" / "data"
 VIDEOS = SHARED / "real" / "videos"
 
 from cafi_stream import degrade  # noqa: E402
-from cafi_stream.fusion import SIGNALS, signal_vector  # noqa: E402
+from cafi_stream.fusion import NAMES, row_signals  # noqa: E402
 from eval_cuts import split_clips  # noqa: E402
 
 SIZE, FPS = 288, 25
@@ -242,15 +242,6 @@ def cut_errors(summary_cuts: list[int], truth: dict, tolerance: int = 2) -> dict
             "false_per_minute": round(len(false) / minutes, 2)}
 
 
-def single_signal(name: str):
-    i = [s.name for s in SIGNALS].index(name)
-
-    def key(r):
-        v = signal_vector(r["serfiq"], r["quality"] if r.get("iqa") is not None else None, r["capture"])[i]
-        return -math.inf if not np.isfinite(v) else float(v)
-    return key
-
-
 def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict) -> dict:
     from cafi_stream.config import load_config
     from cafi_stream.pipeline import Models
@@ -277,10 +268,11 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict) -> dict:
                        "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{name:18s} {table[name]}", file=sys.stderr)
     models.close()
-    rows = exhaustive_rows
+    rows = [dict(r, signals=row_signals(r)) for r in exhaustive_rows]
     person = lambda r: truth["frames"][r["frame_index"]]["identity"]   # noqa: E731
     track = lambda r: r["track_id"]   # noqa: E731
-    keys = {f"signal:{s.name}": single_signal(s.name) for s in SIGNALS}
+    keys = {f"signal:{n}": (lambda r, i=i: float(np.nan_to_num(r["signals"][i], nan=-math.inf)))
+            for i, n in enumerate(NAMES)}
     keys["random (same faces)"] = lambda r: float(rng.random())
     keys["oracle"] = lambda r: (truth["frames"][r["frame_index"]]["kind"] == "clean") + 0.01 * r["serfiq"]
     for name, key in keys.items():

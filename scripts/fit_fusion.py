@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import eval_real  # noqa: E402
-from cafi_stream.fusion import ABSOLUTE, NAMES, PARAMS, FusionModel, signal_vector, standardise  # noqa: E402
+from cafi_stream.fusion import ABSOLUTE, NAMES, PARAMS, FusionModel, row_signals, standardise  # noqa: E402
 
 SEEDS = (10, 11)
 CAP = 0.3
@@ -70,8 +70,7 @@ def collect(work: Path) -> list[dict]:
             by_track[r["track_id"]].append(r)
         for rows in by_track.values():
             gt = [truth["frames"][r["frame_index"]] for r in rows]
-            tracks.append({"x": np.stack([signal_vector(r["serfiq"], r["quality"] if r["iqa"] is not None else None,
-                                                        r["capture"]) for r in rows]),
+            tracks.append({"x": np.stack([row_signals(r) for r in rows]),
                            "clean": np.array([g["kind"] == "clean" for g in gt]),
                            "kind": [g["kind"] for g in gt], "identity": gt[0]["identity"]})
     if models is not None:

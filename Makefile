@@ -6,7 +6,9 @@ SHARED ?= ../shared/data
 DEMO_VIDEO ?= $(SHARED)/videos/short_hamilton_clip.mp4
 # piqe is the one pyiqa IQA metric that builds without downloading weights (the build machines are offline);
 # real users get DBCNN, the default, downloaded on first use.
-DEMO_ARGS ?= --topk 5 --iqa piqe --fr-model $(SHARED)/models/mobilefacenet_paddlex_128d.onnx --out cafi_out/demo --overwrite
+# The default face detector (SCRFD) is a download too; the shared copy stands in for it.
+DEMO_ARGS ?= --topk 5 --iqa piqe --fr-model $(SHARED)/models/mobilefacenet_paddlex_128d.onnx \
+	--detector $(SHARED)/models/optional/scrfd_2.5g_bnkps_640.onnx --out cafi_out/demo --overwrite
 
 .PHONY: install demo test eval
 install: $(STAMP)
@@ -14,10 +16,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray,mediapipe]'
 	@# pyiqa, facexlib and mediapipe each install a cv2 build into the same folder: the headless one must win.
 	$(PY) -m pip install -q --no-deps --force-reinstall -c constraints.txt opencv-python-headless
-	$(PY) -c "import cv2, mediapipe, av, onnxruntime, pyiqa, norfair, datasets, pyarrow, ray, selenium; print('cv2', cv2.__version__)"
+	$(PY) -c "import cv2, mediapipe, av, onnxruntime, pyiqa, supervision, datasets, pyarrow, ray, selenium; print('cv2', cv2.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -89,10 +89,7 @@ def crop_face(image: np.ndarray, box: np.ndarray, landmarks: FaceLandmarks, alig
                      context=context_crop(image, box, context_scale), mask_coverage=float(mask.mean()))
 
 
-def align_largest_face(image: np.ndarray, detector, mesher, size: int = 112) -> np.ndarray | None:
-    """The largest face of a still image, ArcFace-aligned (None when none is found): for photos and evaluations."""
-    dets = detector(image)
-    if not len(dets):
-        return None
-    lm = mesher(image, dets.xyxy[int(np.argmax(dets.side))])
+def align_largest_face(image: np.ndarray, faces, size: int = 112) -> np.ndarray | None:
+    """The largest face of a photo, aligned; None when there is none. `faces` is a `FaceAnalysis`."""
+    _, lm = faces.largest(image)
     return None if lm is None else align_face(image, lm.five, size)

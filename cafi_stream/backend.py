@@ -29,6 +29,7 @@ class ModelSource:
     sha256: str                        # of the ONNX file: keys engine caches
     input_shape: tuple[int, int, int]  # C, H, W
     torch_module: Callable[[], object] | None = None   # native module factory; else the ONNX graph is converted
+    dynamic_hw: bool = False           # height and width vary (detectors): input_shape is then the largest
 
 
 class Engine(Protocol):
@@ -36,7 +37,10 @@ class Engine(Protocol):
     device: str
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """float32 NCHW batch -> float32 outputs, first axis the batch."""
+        """float32 NCHW batch -> the first output, float32, first axis the batch."""
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """float32 NCHW batch -> every output of the graph, in the graph's order."""
 
 
 def engines_dir() -> Path:

@@ -27,11 +27,15 @@ class TorchEngine:
             self.module = self.module.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True   # fixed input sizes: let cuDNN pick its fastest kernels
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
         import torch
 
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
             t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device, non_blocking=True)
             if self.cuda:
                 t = t.contiguous(memory_format=torch.channels_last)
-            return self.module(t).float().cpu().numpy()
+            out = self.module(t)
+            return [o.float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[0]

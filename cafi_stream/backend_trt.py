@@ -19,12 +19,15 @@ from .outdir import atomic_write
 log = logging.getLogger(__name__)
 
 
-def profile_shapes(input_shape: tuple[int, int, int], max_batch: int) -> tuple[tuple, tuple, tuple]:
-    """(min, opt, max) input shapes of the optimisation profile: batch 1 .. max_batch, tuned for half of max."""
+def profile_shapes(input_shape: tuple[int, int, int], max_batch: int,
+                   dynamic_hw: bool = False) -> tuple[tuple, tuple, tuple]:
+    """(min, opt, max) input shapes of the optimisation profile: batch 1 .. max_batch, tuned for half of max.
+    A detector's height and width may be anything from 32 up to `input_shape`'s."""
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
     opt = max(1, max_batch // 2)
-    return (1, *input_shape), (opt, *input_shape), (max_batch, *input_shape)
+    low = (input_shape[0], 32, 32) if dynamic_hw else input_shape
+    return (1, *low), (opt, *input_shape), (max_batch, *input_shape)
 
 
 def _slug(text: str) -> str:
@@ -34,7 +37,7 @@ def _slug(text: str) -> str:
 def engine_key(model_sha256: str, gpu_name: str, trt_version: str, precision: str, profile) -> str:
     """A file name that changes whenever the engine would: model, GPU, TensorRT, precision, profile."""
     batches = "-".join(str(shape[0]) for shape in profile)
-    size = "x".join(str(d) for d in profile[0][1:])
+    size = "x".join(str(d) for d in profile[-1][1:]) + ("_dynhw" if profile[0][2:] != profile[-1][2:] else "")
     return (f"{model_sha256[:16]}_{_slug(gpu_name)}_trt{_slug(trt_version)}_{precision}_b{batches}_{size}.plan")
 
 
@@ -46,7 +49,7 @@ def build_engine(source: ModelSource, max_batch: int, fp16: bool, gpu_name: str)
     """Compile `source` into a serialized engine in engines/ (or find the one already there)."""
     import tensorrt as trt
 
-    profile = profile_shapes(source.input_shape, max_batch)
+    profile = profile_shapes(source.input_shape, max_batch, source.dynamic_hw)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
     precision = "fp16" if fp16 and builder.platform_has_fast_fp16 else "fp32"
@@ -96,25 +99,31 @@ class TensorRTEngine:
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.max_batch = max_batch
         self.stream = torch.cuda.Stream()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
         torch = self.torch
-        outs = []
+        chunks = []
         for i in range(0, len(x), self.max_batch):
             chunk = x[i:i + self.max_batch]
             with torch.cuda.stream(self.stream):
                 inp = torch.from_numpy(np.ascontiguousarray(chunk, np.float32)).pin_memory().to(
                     "cuda", non_blocking=True)
                 self.context.set_input_shape(self.input, tuple(inp.shape))
-                out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32,
-                                  device="cuda")
                 self.context.set_tensor_address(self.input, inp.data_ptr())
-                self.context.set_tensor_address(self.output, out.data_ptr())
+                outs = []
+                for name in self.outputs:
+                    out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=torch.float32,
+                                      device="cuda")
+                    self.context.set_tensor_address(name, out.data_ptr())
+                    outs.append(out)
                 self.context.execute_async_v3(self.stream.cuda_stream)
-                host = out.to("cpu", non_blocking=True)
+                host = [out.to("cpu", non_blocking=True) for out in outs]
             self.stream.synchronize()
-            outs.append(host.numpy())
-        return np.concatenate(outs)
+            chunks.append([h.numpy() for h in host])
+        return [np.concatenate(parts) for parts in zip(*chunks)]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[0]

@@ -57,6 +57,8 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file overlaid on configs/default.toml")
     p.add_argument("--models-dir", help="where model files are found and downloaded to (or $CAFI_MODELS_DIR)")
     p.add_argument("--fr-model", help="face-recognition model: a registry name or an ONNX file (default arcface_r50)")
+    p.add_argument("--detector", help="face detector: scrfd_2.5g, yunet, mediapipe, or one of their files "
+                                      "(default: configs/default.toml)")
     p.add_argument("--iqa", help="dbcnn (default), any pyiqa no-reference metric, or none (rank by SER-FIQ)")
     p.add_argument("--min-face", type=int, help="least face box side in source pixels to score (default 112)")
     p.add_argument("--min-gap", type=float, help="least seconds between kept faces of one track (default 0.5)")
@@ -109,7 +111,7 @@ def _print_status(h: dict) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     """{section: {key: value}} for the flags given; a parser that lacks a flag (engines build) just skips it."""
     flags = {"output": {"topk": "topk", "min_gap": "min_gap"}, "faces": {"min_face": "min_face"},
-             "fr": {"model": "fr_model"}, "iqa": {"name": "iqa"}, "decode": {"max_frames": "max_frames"},
+             "fr": {"model": "fr_model"}, "detect": {"model": "detector"}, "iqa": {"name": "iqa"}, "decode": {"max_frames": "max_frames"},
              "runtime": {"device": "device", "models_dir": "models_dir", "backend": "backend"},
              "cascade": {"exhaustive": "exhaustive"}, "rank": {"method": "ranker", "fusion": "fusion"},
              "live": {"loop": "loop", "transport": "rtsp_transport", "open_timeout": "open_timeout",
@@ -125,7 +127,7 @@ def build_engines_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cafi-stream engines build",
                 description="Export and compile the scoring engines now, instead of lazily on the first run.")
     p.add_argument("action", choices=["build"])
-    for flag in ("--config", "--models-dir", "--fr-model", "--iqa"):
+    for flag in ("--config", "--models-dir", "--fr-model", "--detector", "--iqa"):
         p.add_argument(flag)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--backend", choices=["auto", "tensorrt", "ort", "torch"])

@@ -14,6 +14,7 @@ from .errors import InputError
 
 RANKERS = ("cafi", "serfiq", "sharpness", "detector", "random")
 FUSIONS = ("learned", "filter", "zsum", "zmin")
+LANDMARK_SOURCES = ("auto", "keypoints", "mesh")
 
 
 @dataclass
@@ -33,9 +34,12 @@ class DecodeConfig:
 
 @dataclass
 class DetectConfig:
+    model: str
     min_confidence: float
-    box_scale: float
     rate: float
+    size: int
+    batch: int
+    landmarks: str
 
 
 @dataclass
@@ -229,7 +233,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("output", "topk"): (1, None), ("output", "min_gap"): (0, None), ("output", "context_scale"): (1, 8),
     ("output", "jpeg_quality"): (1, 100),
     ("decode", "queue_size"): (1, None), ("decode", "threads"): (0, 256), ("decode", "max_frames"): (0, None),
-    ("detect", "min_confidence"): (0, 1), ("detect", "box_scale"): (0.5, 4), ("detect", "rate"): (0, None),
+    ("detect", "min_confidence"): (0, 1), ("detect", "rate"): (0, None),
+    ("detect", "size"): (64, 4096), ("detect", "batch"): (1, 256),
     ("track", "max_gap"): (1e-3, None), ("track", "iou_threshold"): (0, 0.999), ("track", "min_frames"): (1, None),
     ("track", "shot_cut"): (0, 1),
     ("faces", "min_face"): (0, None), ("faces", "iqa_size"): (32, 2048), ("faces", "aligned_size"): (32, 1024),
@@ -250,6 +255,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("runtime", "device"): ("auto", "cpu", "cuda"), ("runtime", "backend"): ("auto", "tensorrt", "ort", "torch"),
     ("fr", "channel_order"): ("", "RGB", "BGR"), ("live", "transport"): ("tcp", "udp"),
     ("rank", "method"): RANKERS, ("rank", "fusion"): FUSIONS, ("identity", "per"): ("track", "identity"),
+    ("detect", "landmarks"): LANDMARK_SOURCES,
 }
 
 

@@ -1,29 +1,73 @@
-"""Stage 2: face detection with mediapipe's full-range detector (the short-range one misses ~100 px faces in 720p)."""
+"""Stage 2: face detection. Frames go in; `Detections` (square boxes, scores, 5 keypoints where the model gives them)
+come out.
+
+Detectors are entries of a registry (`DETECTORS`), each with its licence and what it gives:
+- `scrfd_2.5g`: SCRFD-2.5G with 5 keypoints (ONNX), on the scoring engines' backends (ONNX Runtime CPU/CUDA,
+  TensorRT, torch), batched over frames;
+- `yunet`: YuNet with 5 keypoints, through OpenCV's `cv2.FaceDetectorYN` (CPU);
+- `mediapipe`: mediapipe's full-range detector (the `mediapipe` extra, CPU). Its 6 points are not the 5 used for
+  alignment, so the face mesh supplies those.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
 
+import cv2
 import numpy as np
 
 from ._native import native_stderr_silenced
 from .config import DetectConfig
+from .errors import InputError
+from .models import ModelSpec, resolve_named, sha256_of
+
+log = logging.getLogger(__name__)
+
+_NO_POINTS = np.zeros((0, 5, 2), np.float32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Detections:
-    """Faces found in one frame. `xyxy` is each face's square source box, in source pixels."""
+    """Faces found in one frame. `xyxy` is each face's square source box in source pixels; `five` the 5 alignment
+    points (right eye, left eye, nose tip, right and left mouth corner, the subject's sides), NaN where the
+    detector gives none."""
 
     xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     confidence: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
-    keypoints: np.ndarray = field(default_factory=lambda: np.zeros((0, 6, 2), np.float32))  # mediapipe's 6 points
+    five: np.ndarray = field(default_factory=lambda: _NO_POINTS)
+
+    def __post_init__(self):
+        n = len(self.confidence)
+        if self.xyxy.shape != (n, 4) or self.five.shape != (n, 5, 2):
+            raise ValueError(f"Detections: {n} scores, boxes {self.xyxy.shape}, points {self.five.shape}")
 
     def __len__(self) -> int:
         return len(self.confidence)
 
+    def __getitem__(self, index) -> "Detections":
+        """A subset by boolean mask, index array or slice."""
+        if isinstance(index, (int, np.integer)):
+            index = [index]
+        return Detections(self.xyxy[index], self.confidence[index], self.five[index])
+
     @property
     def side(self) -> np.ndarray:
         return self.xyxy[:, 2] - self.xyxy[:, 0]
+
+    @property
+    def has_points(self) -> np.ndarray:
+        return np.isfinite(self.five).all(axis=(1, 2))
+
+
+def square_boxes(xyxy: np.ndarray, scale: float) -> np.ndarray:
+    """The square around each box's centre whose side is `scale` times the box's longer side."""
+    centre = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+    half = np.maximum(xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1])[:, None] * scale / 2
+    return np.concatenate([centre - half, centre + half], axis=1).astype(np.float32)
 
 
 def detection_stride(fps: float, rate: float) -> int:
@@ -31,31 +75,238 @@ def detection_stride(fps: float, rate: float) -> int:
     return 1 if rate <= 0 or fps <= rate else max(1, round(fps / rate))
 
 
-class FaceDetector:
-    def __init__(self, cfg: DetectConfig):
-        self.box_scale = cfg.box_scale
-        with native_stderr_silenced():
-            import mediapipe as mp
+class Detector(Protocol):
+    name: str
 
-            self._model = mp.solutions.face_detection.FaceDetection(
-                model_selection=1, min_detection_confidence=cfg.min_confidence)
-            self._model.process(np.zeros((64, 64, 3), np.uint8))   # graph start-up logs go to /dev/null too
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """RGB frames (all of one size) -> one `Detections` per frame."""
 
-    def __call__(self, image: np.ndarray) -> Detections:
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    name: str
+    licence: str
+    keypoints: bool                  # gives the 5 alignment points itself
+    # How much the model's own box is widened into the square face box (forehead to chin): calibrated so that every
+    # detector gives about the same side for the same face, since --min-face and the IQA crop are measured on it.
+    box_scale: float
+    factory: Callable[["DetectorSpec", DetectConfig, Path | None, str, str], Detector]
+    model: ModelSpec | None = None   # the ONNX file, for detectors that have one
+
+
+def _input_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Network input (height, width): the longer side scaled down to `size` (never up: SCRFD misses faces that fill
+    an enlarged frame), the other keeping the aspect, both rounded up to multiples of 32."""
+    s = min(1.0, size / max(h, w))
+    return (max(32, math.ceil(h * s / 32) * 32), max(32, math.ceil(w * s / 32) * 32))
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.4) -> np.ndarray:
+    if not len(scores):
+        return np.zeros((0,), np.int64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    return np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), 0.0, iou), np.int64).reshape(-1)
+
+
+def dynamic_onnx(path: Path, sha256: str, out_dir: Path) -> Path:
+    """A copy of a fully convolutional detector whose batch, height and width are free. The published file fixes
+    them at 1x640x640, down to its upsampling layers' output sizes, which become a scale of 2."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .outdir import atomic_write
+
+    out = out_dir / f"{path.stem}_{sha256[:16]}_dynamic.onnx"
+    if out.is_file():
+        return out
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {i.name for i in graph.initializer}
+    for node in graph.node:
+        # The feature pyramid upsamples stride 32 to 16 and 16 to 8 (20->40->80 at 640): a scale of 2.
+        if node.op_type == "Resize" and len(node.input) == 4 and node.input[3] in constants:
+            scale = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), f"{node.name}_scales")
+            graph.initializer.append(scale)
+            node.input[2], node.input[3] = scale.name, ""
+    used = {name for node in graph.node for name in node.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    del graph.value_info[:]
+    for value in (*model.graph.input, *model.graph.output):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis != 1:   # channels stay fixed
+                dim.Clear()
+                dim.dim_param = f"{value.name}_{axis}"
+    atomic_write(out, model.SerializeToString())
+    return out
+
+
+class ScrfdDetector:
+    """SCRFD with keypoints (insightface's design): 2 anchors per cell at strides 8, 16 and 32; outputs score
+    logits, box distances and keypoint offsets in units of the stride."""
+
+    STRIDES = (8, 16, 32)
+
+    def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path, device: str, backend: str):
+        from .backend import ModelSource, create_engine, engines_dir
+
+        self.name, self.box_scale = spec.name, spec.box_scale
+        self.threshold, self.size = cfg.min_confidence, cfg.size
+        source = ModelSource(name=spec.name, onnx_path=dynamic_onnx(path, sha256_of(path), engines_dir()),
+                             sha256=sha256_of(path), input_shape=(3, cfg.size, cfg.size), dynamic_hw=True)
+        self.engine = create_engine(source, backend, device, max_batch=cfg.batch)
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        if not len(images):
+            return []
+        h, w = images[0].shape[:2]
+        ih, iw = _input_size(h, w, self.size)
+        scale = min(ih / h, iw / w)
+        size = (round(w * scale), round(h * scale))
+        batch = np.zeros((len(images), ih, iw, 3), np.float32)
+        for i, image in enumerate(images):
+            batch[i, :size[1], :size[0]] = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        x = ((batch - 127.5) / 128.0).transpose(0, 3, 1, 2)
+        outs = self.engine.run(x)
+        n = len(self.STRIDES)
+        per_image: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in images]
+        for level, stride in enumerate(self.STRIDES):
+            logits, dist, kps = outs[level], outs[n + level], outs[2 * n + level]
+            anchors, gh, gw = logits.shape[1:]
+            ys, xs = np.mgrid[:gh, :gw]
+            for i in range(len(images)):
+                a, r, c = np.nonzero(logits[i] > math.log(self.threshold / (1 - self.threshold)))
+                if not len(a):
+                    continue
+                centre = np.stack([xs[r, c], ys[r, c]], axis=1).astype(np.float32) * stride
+                d = dist[i].reshape(anchors, 4, gh, gw)[a, :, r, c] * stride
+                k = kps[i].reshape(anchors, 10, gh, gw)[a, :, r, c].reshape(-1, 5, 2) * stride + centre[:, None]
+                score = 1 / (1 + np.exp(-logits[i][a, r, c]))
+                per_image[i].append((np.concatenate([centre - d[:, :2], centre + d[:, 2:]], axis=1), score, k))
+        results = []
+        for found in per_image:
+            if not found:
+                results.append(Detections())
+                continue
+            boxes, scores, points = (np.concatenate(parts) for parts in zip(*found))
+            keep = _nms(boxes, scores)
+            results.append(Detections(square_boxes(boxes[keep] / scale, self.box_scale),
+                                      scores[keep].astype(np.float32), (points[keep] / scale).astype(np.float32)))
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+class YunetDetector:
+    """YuNet through OpenCV's own post-processing (`cv2.FaceDetectorYN`), one frame at a time on CPU."""
+
+    def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path, device: str, backend: str):
+        self.name, self.box_scale, self.size = spec.name, spec.box_scale, cfg.size
+        self._model = cv2.FaceDetectorYN.create(str(path), "", (cfg.size, cfg.size), cfg.min_confidence, 0.3, 5000)
+        self._input: tuple[int, int] | None = None
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        results = []
+        for image in images:
+            h, w = image.shape[:2]
+            ih, iw = _input_size(h, w, self.size)
+            scale = min(ih / h, iw / w)
+            if self._input != (ih, iw):
+                self._model.setInputSize((iw, ih))
+                self._input = (ih, iw)
+            small = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
+            canvas = np.zeros((ih, iw, 3), np.uint8)
+            canvas[:small.shape[0], :small.shape[1]] = small[:, :, ::-1]   # YuNet reads BGR
+            _, faces = self._model.detect(canvas)
+            if faces is None or not len(faces):
+                results.append(Detections())
+                continue
+            geometry = faces[:, :14].astype(np.float32) / np.float32(scale)
+            xyxy = np.concatenate([geometry[:, :2], geometry[:, :2] + geometry[:, 2:4]], axis=1)
+            results.append(Detections(square_boxes(xyxy, self.box_scale), faces[:, 14].astype(np.float32),
+                                      geometry[:, 4:14].reshape(-1, 5, 2)))
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+class MediapipeDetector:
+    """mediapipe's full-range detector (the short-range one misses ~100 px faces in 720p)."""
+
+    def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path | None, device: str, backend: str):
+        self.name, self.box_scale = spec.name, spec.box_scale
+        try:
+            with native_stderr_silenced():
+                import mediapipe as mp
+
+                self._model = mp.solutions.face_detection.FaceDetection(
+                    model_selection=1, min_detection_confidence=cfg.min_confidence)
+                self._model.process(np.zeros((64, 64, 3), np.uint8))   # graph start-up logs go to /dev/null too
+        except ImportError as e:
+            raise InputError("--detector mediapipe needs the mediapipe extra: pip install 'cafi-stream[mediapipe]'"
+                             ) from e
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        return [self._one(image) for image in images]
+
+    def _one(self, image: np.ndarray) -> Detections:
         h, w = image.shape[:2]
         result = self._model.process(image)
         if not result.detections:
             return Detections()
-        boxes, scores, points = [], [], []
-        for d in result.detections:
-            rel = d.location_data.relative_bounding_box
-            cx, cy = (rel.xmin + rel.width / 2) * w, (rel.ymin + rel.height / 2) * h
-            half = max(rel.width * w, rel.height * h) * self.box_scale / 2
-            boxes.append((cx - half, cy - half, cx + half, cy + half))
-            scores.append(d.score[0])
-            points.append([(k.x * w, k.y * h) for k in d.location_data.relative_keypoints])
-        return Detections(np.asarray(boxes, np.float32), np.asarray(scores, np.float32),
-                          np.asarray(points, np.float32))
+        boxes = [(r.xmin * w, r.ymin * h, (r.xmin + r.width) * w, (r.ymin + r.height) * h)
+                 for r in (d.location_data.relative_bounding_box for d in result.detections)]
+        scores = np.asarray([d.score[0] for d in result.detections], np.float32)
+        return Detections(square_boxes(np.asarray(boxes, np.float32), self.box_scale), scores,
+                          np.full((len(scores), 5, 2), np.nan, np.float32))
+
+    @staticmethod
+    def model_file() -> Path | None:
+        try:
+            import mediapipe
+        except ImportError:
+            return None
+        return (Path(mediapipe.__file__).parent / "modules" / "face_detection"
+                / "face_detection_full_range_sparse.tflite")
 
     def close(self) -> None:
         self._model.close()
+
+
+_INSIGHTFACE = "non-commercial research only (insightface model zoo)"
+
+DETECTORS: dict[str, DetectorSpec] = {
+    "scrfd_2.5g": DetectorSpec(
+        name="scrfd_2.5g", licence=_INSIGHTFACE, keypoints=True, box_scale=0.98, factory=ScrfdDetector,
+        model=ModelSpec(
+            name="scrfd_2.5g", file_name="scrfd_2.5g_bnkps_640.onnx",
+            urls=("https://bj.bcebos.com/paddlehub/fastdeploy/scrfd_2.5g_bnkps_shape640x640.onnx",),
+            sha256="22fa39a6cbb01b35876c4d4bd46a9e85991f7a9190e3c8f39a4546420bb9f81a", licence=_INSIGHTFACE)),
+    "yunet": DetectorSpec(
+        name="yunet", licence="MIT (OpenCV Zoo)", keypoints=True, box_scale=1.09, factory=YunetDetector,
+        model=ModelSpec(
+            name="yunet", file_name="face_detection_yunet_2026may.onnx",
+            sha256="ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0", licence="MIT (OpenCV Zoo)")),
+    "mediapipe": DetectorSpec(
+        # Its box runs from the brows to the mouth; 1.25 widens it to the whole face.
+        name="mediapipe", licence="Apache-2.0 (mediapipe)", keypoints=False, box_scale=1.25,
+        factory=MediapipeDetector),
+}
+
+
+def create_detector(cfg: DetectConfig, models_dir: Path, device: str = "cpu", backend: str = "auto"
+                    ) -> tuple[Detector, DetectorSpec, Path | None]:
+    """The detector `cfg.model` names (a registry name, or the path of a registered model's file)."""
+    models = {name: spec.model for name, spec in DETECTORS.items() if spec.model is not None}
+    if cfg.model in DETECTORS and DETECTORS[cfg.model].model is None:
+        spec, path = DETECTORS[cfg.model], None
+    else:
+        path, model = resolve_named(cfg.model, models, models_dir, "face detector", must_be_known=True)
+        spec = DETECTORS[model.name]
+    detector = spec.factory(spec, cfg, path, device, backend)
+    return detector, spec, path if path is not None else MediapipeDetector.model_file()

@@ -1,4 +1,5 @@
-"""Stage 4a: dense face landmarks (mediapipe face mesh) for a detected face, and the 5 points used for alignment."""
+"""Stage 4a: a detected face's 5 alignment points and face outline: from mediapipe's face mesh, or from the
+detector's own 5 keypoints (an ellipse through forehead, cheeks and chin) where no mesh runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import cv2
 import numpy as np
 
 from ._native import native_stderr_silenced
+from .errors import InputError
 
 # Mesh indices. "Right"/"left" are the subject's; in the image the subject's right eye is on the left, which is
 # the order of the ArcFace template.
@@ -20,9 +22,28 @@ _MESH_CROP = 1.3   # the mesh's own short-range detector needs some margin aroun
 
 @dataclass(frozen=True)
 class FaceLandmarks:
-    mesh: np.ndarray   # (468, 2) source pixels
-    five: np.ndarray   # (5, 2): right eye, left eye, nose tip, right mouth corner, left mouth corner
-    oval: np.ndarray   # (K, 2) face outline polygon, in order
+    mesh: np.ndarray | None   # (468, 2) source pixels; None without the mesh
+    five: np.ndarray          # (5, 2): right eye, left eye, nose tip, right mouth corner, left mouth corner
+    oval: np.ndarray          # (K, 2) face outline polygon, in order
+
+
+def keypoint_landmarks(five: np.ndarray, points: int = 32) -> FaceLandmarks:
+    """Landmarks from a detector's 5 points alone. The outline is an ellipse on the eye-to-mouth axis: from one
+    eye-to-mouth distance above the eyes (forehead) to 0.8 of it below the mouth (chin), 1.15 inter-eye distances
+    to each side, the proportions of a frontal face; it turns with the face's roll."""
+    five = np.asarray(five, np.float32)
+    eyes, mouth = (five[0] + five[1]) / 2, (five[3] + five[4]) / 2
+    down = mouth - eyes
+    length = float(np.hypot(*down)) or 1.0
+    down = down / length
+    across = np.array([down[1], -down[0]], np.float32)
+    top, bottom = -1.0, 1.8   # forehead and chin, in eye-to-mouth distances from the eyes
+    centre = eyes + down * length * (top + bottom) / 2
+    half_height = length * (bottom - top) / 2
+    half_width = max(1.15 * float(np.hypot(*(five[1] - five[0]))), 0.6 * half_height)
+    t = np.linspace(0, 2 * np.pi, points, endpoint=False, dtype=np.float32)
+    oval = centre + np.cos(t)[:, None] * across * half_width + np.sin(t)[:, None] * down * half_height
+    return FaceLandmarks(mesh=None, five=five, oval=oval.astype(np.float32))
 
 
 def _oval_order() -> list[int]:
@@ -41,12 +62,23 @@ def _oval_order() -> list[int]:
 class FaceMesher:
     def __init__(self):
         with native_stderr_silenced():
-            import mediapipe as mp
-
+            try:
+                import mediapipe as mp
+            except ImportError as e:
+                raise InputError("the face mesh needs the mediapipe extra: pip install 'cafi-stream[mediapipe]'"
+                                 ) from e
             self._model = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
                                                           refine_landmarks=False)
             self._model.process(np.zeros((64, 64, 3), np.uint8))
         self._oval = _oval_order()
+
+    @staticmethod
+    def model_file():
+        import mediapipe
+
+        from pathlib import Path
+
+        return Path(mediapipe.__file__).parent / "modules" / "face_landmark" / "face_landmark.tflite"
 
     def __call__(self, image: np.ndarray, box: np.ndarray) -> FaceLandmarks | None:
         """Landmarks of the face in `box` (xyxy), or None when the mesh finds no face there."""

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 # A mirror tried before each model's own URLs: `$CAFI_MODEL_MIRROR/<file name>` (for air-gapped sites).
 MIRROR_ENV = "CAFI_MODEL_MIRROR"
 MODELS_DIR_ENV = "CAFI_MODELS_DIR"
+# Read-only folders searched after the models folder, as PATH is (a site's shared model store).
+MODEL_PATH_ENV = "CAFI_MODEL_PATH"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ModelSpec:
     std: float = 127.5
     # SER-FIQ threshold calibrated for this model (None: only the per-track rule applies).
     serfiq_min: float | None = None
+    licence: str = "unknown"
 
 
 FR_MODELS: dict[str, ModelSpec] = {
@@ -46,6 +49,7 @@ FR_MODELS: dict[str, ModelSpec] = {
             "https://huggingface.co/deepghs/insightface/resolve/main/buffalo_l/w600k_r50.onnx",
         ),
         sha256="4c06341c33c2ca1f86781dab0e829f88ad5b64be9fba56e56bc9ebdefc619e43",
+        licence="non-commercial research only (insightface model zoo)",
     ),
     # PaddleX face_feature MobileFaceNet; BGR separates identities slightly better (../shared/data/README.md).
     "mobilefacenet_paddlex_128d": ModelSpec(
@@ -53,6 +57,7 @@ FR_MODELS: dict[str, ModelSpec] = {
         file_name="mobilefacenet_paddlex_128d.onnx",
         sha256="6ced4e0c36abba9dd24b48d725f7dbb94089f75b3d3445d3d67b85157cb64743",
         channel_order="BGR",
+        licence="Apache-2.0 (PaddleX)",
     ),
 }
 
@@ -62,7 +67,8 @@ _PYIQA_RELEASE = "https://github.com/chaofengc/IQA-PyTorch/releases/download/v0.
 
 def _pyiqa_weights(name: str, file_name: str) -> ModelSpec:
     return ModelSpec(name=name, file_name=file_name, urls=(_PYIQA_WEIGHTS + file_name, _PYIQA_RELEASE + file_name),
-                     sha256=file_name.rsplit("-", 1)[1].split(".")[0])
+                     sha256=file_name.rsplit("-", 1)[1].split(".")[0],
+                     licence="non-commercial (DBCNN weights, through pyiqa: PolyForm-Noncommercial)")
 
 
 DBCNN_CHECKPOINTS: dict[str, ModelSpec] = {
@@ -110,8 +116,10 @@ def _checksum_ok(digest: str, expected: str) -> bool:
 
 
 def resolve(spec: ModelSpec, models_dir: Path, search: tuple[Path, ...] = (), download: bool = True) -> Path:
-    """Return a verified local copy of `spec`: from `models_dir`, then `search`, else downloaded into `models_dir`."""
-    for folder in (models_dir, *search):
+    """Return a verified local copy of `spec`: from `models_dir`, then `search`, then $CAFI_MODEL_PATH's folders,
+    else downloaded into `models_dir`."""
+    shared = tuple(Path(p).expanduser() for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p)
+    for folder in (models_dir, *search, *shared):
         path = folder / spec.file_name
         if path.is_file():
             # Downloads are verified before they get this name, so a mismatch here is a file the user put there
@@ -156,20 +164,28 @@ def _download(url: str, spec: ModelSpec, models_dir: Path) -> Path:
             os.unlink(tmp)
 
 
-def resolve_fr_model(model: str, models_dir: Path) -> tuple[Path, ModelSpec]:
+def resolve_named(model: str, registry: dict[str, ModelSpec], models_dir: Path, kind: str,
+                  must_be_known: bool = False) -> tuple[Path, ModelSpec]:
     """`model` is a registry name or a path. A path whose file name or checksum is in the registry takes that
-    entry's input contract; any other ONNX file gets the defaults (RGB, (x - 127.5) / 127.5)."""
-    if model in FR_MODELS:
-        spec = FR_MODELS[model]
+    entry; any other file gets a plain spec, or an error where only registered models can be used."""
+    if model in registry:
+        spec = registry[model]
         return resolve(spec, models_dir), spec
     path = Path(model).expanduser()
+    known = ", ".join(registry)
     if not path.is_file():
-        known = ", ".join(FR_MODELS)
-        raise ModelError(f"face-recognition model '{model}' is neither a file nor a known model ({known})")
+        raise ModelError(f"{kind} model '{model}' is neither a file nor a known model ({known})")
     if path.stat().st_size == 0:
-        raise ModelError(f"face-recognition model {model}: empty file")
+        raise ModelError(f"{kind} model {model}: empty file")
     digest = sha256_of(path)
-    for spec in FR_MODELS.values():
+    for spec in registry.values():
         if digest == spec.sha256 or path.name == spec.file_name:
             return path, spec
+    if must_be_known:
+        raise ModelError(f"{kind} model {model} is none of the known ones ({known})")
     return path, ModelSpec(name=path.stem, file_name=path.name, sha256=digest)
+
+
+def resolve_fr_model(model: str, models_dir: Path) -> tuple[Path, ModelSpec]:
+    """A registered face-recognition model's input contract, or the defaults (RGB, (x - 127.5) / 127.5)."""
+    return resolve_named(model, FR_MODELS, models_dir, "face-recognition")

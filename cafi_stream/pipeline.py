@@ -30,13 +30,13 @@ from .cascade import IqaScheduler, yaw_ratio
 from .config import Config
 from .dataset import finalize as finalize_output, read_rows
 from .decode import Decoder, VideoFrame
-from .detect import FaceDetector, detection_stride
+from .analyse import FaceAnalysis
+from .detect import detection_stride
 from .backend import resolve_device
 from .errors import OutputError
 from .fusion import FusionModel, ranking_fusion, signal_vector
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
-from .landmarks import FaceMesher
 from .measures import measure
 from .models import default_models_dir, resolve_fr_model, sha256_of
 from .outdir import METADATA, OutputDir, atomic_write, check_output_file, writing
@@ -68,8 +68,7 @@ class Stopwatch:
 class Models:
     """Everything loaded once and reusable across videos."""
 
-    detector: FaceDetector
-    mesher: FaceMesher
+    faces: FaceAnalysis
     serfiq: SerFiq
     iqa: IqaModel | None
     device: str
@@ -88,29 +87,24 @@ class Models:
                         backend=cfg.runtime.backend)
         iqa = create_iqa(cfg.iqa.name, device, models_dir, cfg.iqa.dbcnn_dataset, cfg.iqa.batch,
                          backend=cfg.runtime.backend, random_weights=random_dbcnn, size=cfg.faces.iqa_size)
-        import mediapipe
-
-        mp_dir = Path(mediapipe.__file__).parent / "modules"
-        files = {"face_recognition": (fr_spec.name, fr_path),
-                 "face_detector": ("mediapipe face_detection full-range",
-                                   mp_dir / "face_detection" / "face_detection_full_range_sparse.tflite"),
-                 "face_mesh": ("mediapipe face_mesh", mp_dir / "face_landmark" / "face_landmark.tflite")}
+        faces = FaceAnalysis(cfg.detect, models_dir, device, cfg.runtime.backend)
+        files = {"face_recognition": (fr_spec.name, fr_path), **faces.files}
         if iqa is not None and iqa.weights is not None:
             files["iqa"] = (iqa.name, iqa.weights)
-        return cls(detector=FaceDetector(cfg.detect), mesher=FaceMesher(), serfiq=serfiq, iqa=iqa, device=device,
+        return cls(faces=faces, serfiq=serfiq, iqa=iqa, device=device,
                    files={role: {"name": name, "path": str(path), "sha256": sha256_of(Path(path))}
                           for role, (name, path) in files.items() if Path(path).is_file()})
 
     @property
     def engines(self) -> dict[str, str]:
-        out = {"fr_backbone": f"{self.serfiq.engine.backend}/{self.serfiq.engine.device}"}
+        out = {"face_detector": self.faces.name,
+               "fr_backbone": f"{self.serfiq.engine.backend}/{self.serfiq.engine.device}"}
         if self.iqa is not None:
             out["iqa"] = f"{self.iqa.engine.backend}/{self.iqa.engine.device}"
         return out
 
     def close(self) -> None:
-        self.detector.close()
-        self.mesher.close()
+        self.faces.close()
 
 
 @dataclass
@@ -272,7 +266,7 @@ class _Run:
             self._pump()
             return
         with timer("detect"):
-            dets = m.detector(frame.image)
+            dets = m.faces(frame.image)
         self.detect_passes += 1
         self.counts["faces_detected"] += len(dets)
         if len(dets):
@@ -292,7 +286,7 @@ class _Run:
             self.last_sampled[tid] = frame.pts_time
             self.opened.setdefault(tid, frame.pts_time)
             with timer("landmarks"):
-                lm = m.mesher(frame.image, dets.xyxy[i])
+                lm = m.faces.landmarks(frame.image, dets, i)
             if lm is None:
                 self.counts["gate_no_landmarks"] += 1
                 continue

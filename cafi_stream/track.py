@@ -1,9 +1,14 @@
-"""Stage 3: group faces across frames. norfair (Kalman filter + IoU matching) follows faces through short
-occlusions; a colour-histogram shot-cut detector ends every track at a cut, since no tracker handles cuts itself."""
+"""Stage 3: group faces across frames. ByteTrack (supervision's: Kalman filter, IoU matching in two stages by
+detection score) follows faces through short occlusions and flickering detections; a shot-cut detector ends every
+track at a cut, since no tracker handles cuts itself.
+
+supervision's ByteTrack runs on numpy 1 and 2. Its successor, Roboflow's `trackers`, needs numpy 2, which the
+mediapipe extra's numpy 1 world cannot install; norfair pins numpy < 2."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import cv2
@@ -79,39 +84,29 @@ class HistogramCutDetector:
         return cut
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two xyxy boxes."""
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0.0, float(w)) * max(0.0, float(h))
-    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
-    return inter / union if union > 0 else 0.0
-
-
 class FaceTracker:
     def __init__(self, cfg: TrackConfig, fps: float, period: int = 1):
         self.cfg = cfg
-        self.period = period   # frames between two updates (the detection stride)
-        # norfair counts updates; our gap is in seconds.
-        self.hit_counter_max = max(1, math.ceil(cfg.max_gap * fps / period))
+        # ByteTrack counts updates (one per detection pass); our gap is in seconds.
+        self.lost_updates = max(1, math.ceil(cfg.max_gap * fps / period))
         self.cuts = ShotCutDetector(cfg.shot_cut) if cfg.shot_cut > 0 else None
         self._tracker = None
-        self._ids: dict[int, int] = {}     # norfair id (per tracker instance) -> our id
+        self._ids: dict[int, int] = {}     # ByteTrack id (per tracker instance) -> our id
         self._next_id = 1
         self.frames_seen: dict[int, int] = {}   # detections per live track
         self.last_seen: dict[int, float] = {}   # last detection time per open track
-        self.last_box: dict[int, np.ndarray] = {}   # last detected box per open track
         self.shot_cuts = 0
-        from norfair import Detection   # noqa: F401  (norfair's first import costs ~0.7 s: pay it at start-up)
+        self._new_tracker()   # supervision's first import costs ~0.5 s: pay it at start-up
 
     def _new_tracker(self):
-        from norfair import Tracker
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # deprecated for `trackers`: see the module docstring
+            import supervision as sv
 
-        return Tracker(distance_function="iou", distance_threshold=1.0 - self.cfg.iou_threshold,
-                       hit_counter_max=self.hit_counter_max, initialization_delay=0)
-
-    def _live(self) -> set[int]:
-        return set(self.last_seen)
+            # Every detection passed the detector's threshold: all take ByteTrack's first, high-score stage.
+            return sv.ByteTrack(track_activation_threshold=0.0, lost_track_buffer=self.lost_updates,
+                                minimum_matching_threshold=1.0 - self.cfg.iou_threshold, frame_rate=30,
+                                minimum_consecutive_frames=1)
 
     def check_cut(self, image: np.ndarray) -> bool:
         """Whether `image` starts a new shot; the caller then ends every track with `finish`."""
@@ -121,62 +116,36 @@ class FaceTracker:
 
     def update(self, detections: Detections, pts: float) -> TrackUpdate:
         """Match `detections` (at time `pts`) to tracks. A track ends when it has gone `max_gap` seconds without a
-        detection (also when frames were dropped and norfair, which counts updates, would keep it longer). Norfair
-        drops a young track after a few missed updates; a new one that starts on its last box within `max_gap`
-        takes its id, so a face whose detection flickers stays one track."""
-        from norfair import Detection
+        detection (also when frames were dropped and ByteTrack, which counts updates, would keep it longer). A
+        face's first detection has no track yet (-1): ByteTrack confirms a track on its second."""
+        import supervision as sv
 
         if self._tracker is None:
             self._tracker, self._ids = self._new_tracker(), {}
-        dets = [Detection(points=detections.xyxy[i].reshape(2, 2).astype(np.float64),
-                          scores=np.repeat(float(detections.confidence[i]), 2), data=i)
-                for i in range(len(detections))]
-        self._tracker.update(detections=dets, period=self.period)
-        alive = {o.id for o in self._tracker.tracked_objects}
-        self._ids = {k: v for k, v in self._ids.items() if k in alive}   # bounded on endless streams
+        found = self._tracker.update_with_detections(sv.Detections(
+            xyxy=detections.xyxy.astype(np.float32), confidence=detections.confidence.astype(np.float32),
+            data={"index": np.arange(len(detections))}))
         ids = np.full(len(detections), -1, np.int64)
-        for obj in self._tracker.tracked_objects:
-            if obj.id is None:
-                continue
-            det = obj.last_detection
-            if det is None or not any(det is d for d in dets):
-                continue
-            box = detections.xyxy[det.data]
-            if obj.id not in self._ids:
-                self._ids[obj.id] = self._relink(box, pts)
-            tid = self._ids[obj.id]
-            ids[det.data] = tid
+        for index, external in zip(found.data.get("index", []), found.tracker_id):
+            if external not in self._ids:
+                self._ids[int(external)] = self._next_id
+                self._next_id += 1
+            tid = self._ids[int(external)]
+            ids[index] = tid
             self.frames_seen[tid] = self.frames_seen.get(tid, 0) + 1
             self.last_seen[tid] = pts
-            self.last_box[tid] = box
         ended = sorted(tid for tid, t in self.last_seen.items() if pts - t > self.cfg.max_gap)
         for tid in ended:
             del self.last_seen[tid]
-            self.last_box.pop(tid, None)
-        if ended:   # ended by time: if norfair matches it again, it is a new track
+        if ended:   # ended by time: if ByteTrack matches it again, it is a new track
             self._ids = {k: v for k, v in self._ids.items() if v not in ended}
         return TrackUpdate(track_ids=ids, ended=ended)
 
-    def _relink(self, box: np.ndarray, pts: float) -> int:
-        """The id for a track norfair just started: an open track that norfair lost, last seen on this box."""
-        held = set(self._ids.values())
-        best, best_iou = None, self.cfg.iou_threshold
-        for tid, last in self.last_box.items():
-            if tid not in held and pts - self.last_seen[tid] <= self.cfg.max_gap:
-                o = iou(last, box)
-                if o >= best_iou:
-                    best, best_iou = tid, o
-        if best is None:
-            best = self._next_id
-            self._next_id += 1
-        return best
-
     def finish(self) -> list[int]:
         """End every live track (end of input, or a shot cut)."""
-        live = sorted(self._live())
+        live = sorted(self.last_seen)
         self._tracker = None
         self.last_seen.clear()
-        self.last_box.clear()
         return live
 
     @property

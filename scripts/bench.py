@@ -16,12 +16,15 @@ import argparse
 import asyncio
 import json
 import resource
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The face detectors' files (SCRFD, YuNet) are read from the shared models, as a site's model store.
+os.environ.setdefault("CAFI_MODEL_PATH", str(ROOT.parent / "shared" / "data" / "models" / "optional"))
 sys.path.insert(0, str(ROOT))
 
 from cafi_stream.cli import _overrides, build_parser  # noqa: E402

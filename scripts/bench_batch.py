@@ -13,12 +13,15 @@ import argparse
 import json
 import shutil
 import subprocess
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The face detectors' files (SCRFD, YuNet) are read from the shared models, as a site's model store.
+os.environ.setdefault("CAFI_MODEL_PATH", str(ROOT.parent / "shared" / "data" / "models" / "optional"))
 
 
 def timed(cmd: list[str]) -> tuple[float, dict]:

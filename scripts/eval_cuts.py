@@ -30,6 +30,8 @@ from cafi_stream.config import load_config  # noqa: E402
 from cafi_stream.track import HistogramCutDetector, ShotCutDetector  # noqa: E402
 
 SHARED = Path(os.environ.get("CAFI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# The face detectors' files (SCRFD, YuNet) are read from the shared models, as a site's model store.
+os.environ.setdefault("CAFI_MODEL_PATH", str(SHARED / "models" / "optional"))
 VIDEOS = SHARED / "real" / "videos"
 
 

@@ -29,6 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("CAFI_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The face detectors' files (SCRFD, YuNet) are read from the shared models, as a site's model store.
+os.environ.setdefault("CAFI_MODEL_PATH", str(SHARED / "models" / "optional"))
 
 from cafi_stream import degrade  # noqa: E402
 
@@ -44,20 +46,17 @@ def aligned_photos() -> dict[str, np.ndarray]:
     import cv2
 
     from cafi_stream.align import align_largest_face
-    from cafi_stream.config import load_config
-    from cafi_stream.detect import FaceDetector
-    from cafi_stream.landmarks import FaceMesher
+    from cafi_stream.analyse import FaceAnalysis
 
-    det, mesh = FaceDetector(load_config().detect), FaceMesher()
+    faces = FaceAnalysis.configured()
     out = {}
     for path in sorted((SHARED / "faces").iterdir()):
         if path.suffix.lower() in (".jpg", ".jpeg", ".png") and not path.name.startswith("multi_"):
             img = np.ascontiguousarray(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
-            face = align_largest_face(img, det, mesh)
+            face = align_largest_face(img, faces)
             if face is not None:
                 out[path.stem] = face
-    det.close()
-    mesh.close()
+    faces.close()
     return out
 
 

@@ -35,25 +35,18 @@ import eval_real  # noqa: E402
 def masked_faces(video: Path, every: int):
     """(frame index, 384x384 masked face) of the largest face of every `every`th frame."""
     from cafi_stream.align import crop_face
-    from cafi_stream.config import load_config
-    from cafi_stream.detect import FaceDetector
-    from cafi_stream.landmarks import FaceMesher
+    from cafi_stream.analyse import FaceAnalysis
 
-    det, mesher = FaceDetector(load_config().detect), FaceMesher()
+    faces = FaceAnalysis.configured()
     with av.open(str(video)) as c:
         for i, frame in enumerate(c.decode(video=0)):
             if i % every:
                 continue
             img = frame.to_ndarray(format="rgb24")
-            d = det(img)
-            if not len(d):
-                continue
-            box = d.xyxy[int(np.argmax(d.side))]
-            lm = mesher(img, box)
+            d, lm = faces.largest(img)
             if lm is not None:
-                yield i, crop_face(img, box, lm).masked
-    det.close()
-    mesher.close()
+                yield i, crop_face(img, d.xyxy[0], lm).masked
+    faces.close()
 
 
 def models() -> dict:

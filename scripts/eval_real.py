@@ -40,6 +40,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("CAFI_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The face detectors' files (SCRFD, YuNet) are read from the shared models, as a site's model store.
+os.environ.setdefault("CAFI_MODEL_PATH", str(SHARED / "models" / "optional"))
+# The test video's occluders sit on the faces this detector finds: fixed, so that the video stays the same
+# whichever detector the pipeline runs with.
+VIDEO_DETECTOR = "mediapipe"
 VIDEOS = SHARED / "real" / "videos"
 
 from cafi_stream import degrade  # noqa: E402
@@ -120,11 +125,10 @@ def plan(n_clips: int, rng: np.random.Generator) -> list[list[tuple[str, int]]]:
 
 def build_video(clip_list: list[Path], path: Path, seed: int = 0) -> dict:
     """Writes the test video and returns its ground truth: per frame the clip, identity, kind and level."""
-    from cafi_stream.config import load_config
-    from cafi_stream.detect import FaceDetector
+    from cafi_stream.analyse import FaceAnalysis
 
     rng = np.random.default_rng(seed)
-    det = FaceDetector(load_config().detect)
+    det = FaceAnalysis.configured(model=VIDEO_DETECTOR)
     truth = {"fps": FPS, "size": SIZE, "seed": seed, "clips": [c.name for c in clip_list], "frames": [],
              "cuts": []}
     box = None
@@ -152,9 +156,12 @@ def build_video(clip_list: list[Path], path: Path, seed: int = 0) -> dict:
     return truth
 
 
+DETECT: dict = {}   # [detect] overrides for the pipeline's runs (--detector, --landmarks)
+
+
 def base_config(topk: int = TOPK) -> dict:
     return {"iqa": {"name": "piqe"}, "fr": {"model": str(FR_MODEL)}, "output": {"topk": topk, "min_gap": MIN_GAP},
-            "cascade": {"exhaustive": True}}
+            "cascade": {"exhaustive": True}, "detect": dict(DETECT)}
 
 
 def merged(base: dict, overrides: dict) -> dict:
@@ -300,7 +307,7 @@ def utility(out_dir: Path, topk: int = 5) -> dict:
     photos = []
     for path in sorted((SHARED / "faces").glob("obama__*")):
         img = np.ascontiguousarray(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
-        face = align_largest_face(img, models.detector, models.mesher)
+        face = align_largest_face(img, models.faces)
         if face is not None:
             photos.append(face)
     template = models.serfiq(np.stack(photos)).embeddings.mean(axis=0)
@@ -327,7 +334,8 @@ def readme_table(result: dict) -> str:
                      + " | ".join(str(auc.get(k, "")) for k in kinds) + " |")
     v, c, u = result["video"], result["cuts"], result["utility"]
     lines += ["", f"Report clips only ({len(v['clips'])} clips, {v['frames']} frames, {v['clean_share']:.0%} clean, "
-                  f"top-{TOPK}, min gap {MIN_GAP} s, IQA: PIQE). Columns after the clean shares: within-person AUC "
+                  f"top-{TOPK}, min gap {MIN_GAP} s, IQA: PIQE, detector "
+                  f"{result['detect']['model']}, landmarks {result['detect']['landmarks']}). Columns after the clean shares: within-person AUC "
                   "per degradation kind.",
               f"Shot cuts: {c['true_cuts']} true, {c['missed']} missed, {c['false']} false "
               f"({c['false_per_minute']} per minute).",
@@ -351,7 +359,10 @@ def main(argv=None) -> int:
     p.add_argument("--rankers", help="comma-separated subset of " + ",".join(RANKERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--readme", help="rewrite the table between <!-- real:start/end --> in this file")
+    p.add_argument("--detector", help="the pipeline's face detector (default: configs/default.toml)")
+    p.add_argument("--landmarks", choices=["auto", "keypoints", "mesh"], help="where alignment points and mask come from")
     args = p.parse_args(argv)
+    DETECT.update({k: v for k, v in (("model", args.detector), ("landmarks", args.landmarks)) if v})
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rankers = {k: RANKERS[k] for k in (args.rankers.split(",") if args.rankers else RANKERS)}
@@ -364,6 +375,10 @@ def main(argv=None) -> int:
     result["video"] = {"clips": [c.name for c in report_clips], "frames": len(truth["frames"]), "seed": args.seed,
                        "clean_share": sum(f["kind"] == "clean" for f in truth["frames"]) / len(truth["frames"]),
                        "fit_clips_never_used_here": [c.name for c in clips("fit")]}
+    from cafi_stream.config import load_config
+
+    detect = load_config(overrides=base_config()).detect
+    result["detect"] = {"model": detect.model, "landmarks": detect.landmarks}
     result["utility"] = utility(out / "runs")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "real.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -30,6 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("CAFI_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# The face detectors' files (SCRFD, YuNet) are read from the shared models, as a site's model store.
+os.environ.setdefault("CAFI_MODEL_PATH", str(SHARED / "models" / "optional"))
+# The cards are cut around the faces this detector finds: fixed, so that they stay the same whichever detector
+# the pipeline runs with.
+CARD_DETECTOR = "mediapipe"
 
 from cafi_stream import degrade  # noqa: E402
 
@@ -56,10 +61,9 @@ def _faces() -> dict[str, np.ndarray]:
     """Square face patches (PATCH px, RGB) from the single-person photos, centred on the detected face."""
     import cv2
 
-    from cafi_stream.config import load_config
-    from cafi_stream.detect import FaceDetector
+    from cafi_stream.analyse import FaceAnalysis
 
-    det = FaceDetector(load_config().detect)
+    det = FaceAnalysis.configured(model=CARD_DETECTOR)
     out = {}
     for path in sorted((SHARED / "faces").iterdir()):
         if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or path.name.startswith("multi_"):
@@ -189,7 +193,7 @@ def calibrate_serfiq(models, quantile: float = 0.1) -> float:
     for path in sorted((SHARED / "faces").iterdir()):
         if path.suffix.lower() in (".jpg", ".jpeg", ".png") and not path.name.startswith("multi_"):
             img = np.ascontiguousarray(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB))
-            face = align_largest_face(img, models.detector, models.mesher)
+            face = align_largest_face(img, models.faces)
             if face is not None:
                 faces.append(face)
     threshold = float(np.quantile(models.serfiq(np.stack(faces)).scores, quantile))

@@ -14,12 +14,15 @@ import argparse
 import json
 import signal
 import subprocess
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The face detectors' files (SCRFD, YuNet) are read from the shared models, as a site's model store.
+os.environ.setdefault("CAFI_MODEL_PATH", str(ROOT.parent / "shared" / "data" / "models" / "optional"))
 SHARED = ROOT.parent / "shared" / "data"
 
 

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CAFI_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# Resolved: batch runs name their sources by real path, and ../shared may be a symbolic link.
+SHARED = Path(os.environ.get("CAFI_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
 VIDEO = SHARED / "videos" / "short_hamilton_clip.mp4"
 FR_MODEL = SHARED / "models" / "mobilefacenet_paddlex_128d.onnx"
 FACES = SHARED / "faces"
+OPTIONAL_MODELS = SHARED / "models" / "optional"
+# The face detectors' files (SCRFD, YuNet) are found there, as a site's shared model store, by every run and CLI.
+os.environ["CAFI_MODEL_PATH"] = str(OPTIONAL_MODELS)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,20 +48,23 @@ def hamilton_run(tmp_path_factory):
 def aligned_photos():
     """Single-person photos of ../shared/data/faces, detected, landmarked and aligned to 112x112 RGB."""
     from cafi_stream.align import align_largest_face
-    from cafi_stream.config import load_config
-    from cafi_stream.detect import FaceDetector
-    from cafi_stream.landmarks import FaceMesher
 
-    det, mesh = FaceDetector(load_config().detect), FaceMesher()
+    faces = face_analysis()
     out = {}
     for path in sorted(FACES.iterdir()):
         if path.suffix.lower() in (".jpg", ".jpeg", ".png") and not path.name.startswith("multi_"):
-            face = align_largest_face(read_rgb(path), det, mesh)
+            face = align_largest_face(read_rgb(path), faces)
             if face is not None:
                 out[path.stem] = face
-    det.close()
-    mesh.close()
+    faces.close()
     return out
+
+
+def face_analysis(**detect):
+    """The configured face analysis (detector and landmarks), with `detect` overriding [detect] keys."""
+    from cafi_stream.analyse import FaceAnalysis
+
+    return FaceAnalysis.configured(**detect)
 
 
 def read_rgb(path: Path) -> np.ndarray:

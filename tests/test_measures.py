@@ -9,35 +9,27 @@ import pytest
 from cafi_stream import degrade
 from cafi_stream.align import similarity_to_template
 from cafi_stream.measures import head_pose, measure, openness
-from conftest import SHARED, read_rgb
+from conftest import SHARED, face_analysis, read_rgb
 
 REAL_FACES = SHARED / "real" / "faces"
 
 
 @pytest.fixture(scope="module")
 def faces():
-    """(photo, face box, landmarks) of 12 real photos of different people, the largest face of each."""
-    from cafi_stream.config import load_config
-    from cafi_stream.detect import FaceDetector
-    from cafi_stream.landmarks import FaceMesher
-
-    det, mesher = FaceDetector(load_config().detect), FaceMesher()
+    """(photo, face box, landmarks) of 12 real photos of different people, the largest face of each, through the
+    mesh front end: eye and mouth opening need the mesh, and the degradations are placed on its boxes."""
+    analysis = face_analysis(model="mediapipe")
     out, seen = [], set()
     for path in sorted(REAL_FACES.glob("*.jpg")):
         person = path.name.split("__")[0]
         if person in seen or person.startswith("multi_"):
             continue
         img = read_rgb(path)
-        dets = det(img)
-        if not len(dets):
-            continue
-        box = dets.xyxy[int(np.argmax(dets.side))]
-        lm = mesher(img, box)
+        dets, lm = analysis.largest(img)
         if lm is not None:
-            out.append((img, box, lm))
+            out.append((img, dets.xyxy[0], lm))
             seen.add(person)
-    det.close()
-    mesher.close()
+    analysis.close()
     assert len(out) >= 8
     return out
 
@@ -101,11 +93,7 @@ def test_photometric_measure_follows_its_degradation(name, faces):
 
 def test_roll_follows_a_rotated_photo(faces):
     """Turning the photo by 8, 16 and 28 degrees turns the measured roll by as much (landmarks found afresh)."""
-    from cafi_stream.config import load_config
-    from cafi_stream.detect import FaceDetector
-    from cafi_stream.landmarks import FaceMesher
-
-    det, mesher = FaceDetector(load_config().detect), FaceMesher()
+    analysis = face_analysis(model="mediapipe")
     errors = []
     for img, box, lm in faces:
         base = head_pose(lm.five)[2]
@@ -114,12 +102,10 @@ def test_roll_follows_a_rotated_photo(faces):
         for angle in (8, 16, 28):
             turned = cv2.warpAffine(img, cv2.getRotationMatrix2D(centre, angle, 1.0), (w, h),
                                     borderMode=cv2.BORDER_REPLICATE)
-            dets = det(turned)
-            lm2 = mesher(turned, dets.xyxy[int(np.argmax(dets.side))]) if len(dets) else None
+            _, lm2 = analysis.largest(turned)
             if lm2 is not None:   # counter-clockwise in the image: the eye line's angle falls
                 errors.append(abs((base - head_pose(lm2.five)[2]) - angle))
-    det.close()
-    mesher.close()
+    analysis.close()
     assert len(errors) >= 0.6 * 3 * len(faces)   # the detector misses some faces turned 28 degrees
     assert np.median(errors) < 2.0 and np.mean(np.array(errors) < 5) >= 0.9, errors
 

@@ -71,3 +71,20 @@ def test_offline_without_dbcnn_weights_stops_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "DBCNN_KonIQ10k-2de81c0a.pth" in lines[-1] and str(tmp_path / "models") in lines[-1]
     assert len([line for line in lines if "error" in line]) == 1
+
+
+def test_cli_downloads_the_default_detector(http_dir, tmp_path):
+    """The default face detector is a registry model: fetched from the mirror once, checksum verified."""
+    from cafi_stream.detect import DETECTORS
+    from conftest import OPTIONAL_MODELS
+
+    spec = DETECTORS["scrfd_2.5g"].model
+    root, url = http_dir
+    shutil.copy(OPTIONAL_MODELS / spec.file_name, root / spec.file_name)
+    models = tmp_path / "models"
+    proc = run_cli(VIDEO, "--fr-model", FR_MODEL, "--detector", "scrfd_2.5g", "--models-dir", models, "--iqa", "none",
+                   "--max-frames", 60, "--out", tmp_path / "out", "--quiet",
+                   env={"CAFI_MODEL_MIRROR": url, "CAFI_MODEL_PATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert f"downloading {spec.file_name}" in proc.stderr
+    assert sha256_of(models / spec.file_name) == spec.sha256

@@ -15,7 +15,7 @@ from cafi_stream.track import FaceTracker, ShotCutDetector
 
 def box_at(x):
     return Detections(np.array([[x, 100, x + 120, 220]], np.float32), np.array([0.9], np.float32),
-                      np.zeros((1, 6, 2), np.float32))
+                      np.zeros((1, 5, 2), np.float32))
 
 
 def test_short_occlusion_keeps_id_long_gap_ends_track():
@@ -57,7 +57,7 @@ def test_light_colour_and_quality_changes_are_not_cuts():
 
 
 def test_track_ends_by_time_when_frames_are_dropped():
-    """A live stream that drops frames: norfair counts updates, the track timeout is in seconds."""
+    """A live stream that drops frames: ByteTrack counts updates, the track timeout is in seconds."""
     tracker = FaceTracker(load_config().track, fps=30)   # max_gap 1 s = 30 updates
     first = int(tracker.update(box_at(100), 0.0).track_ids[0])
     upd = tracker.update(Detections(), 0.5)
@@ -69,8 +69,8 @@ def test_track_ends_by_time_when_frames_are_dropped():
 
 
 def test_flickering_detection_stays_one_track():
-    """A face whose detector score hovers at the threshold: seen 2 frames in 6. Norfair drops such young tracks
-    after a few misses; within track.max_gap the face keeps its id."""
+    """A face whose detector score hovers at the threshold: seen 2 frames in 6. Within track.max_gap the face
+    keeps its id."""
     tracker = FaceTracker(load_config().track, fps=25)
     ids, ended = set(), []
     for i in range(100):

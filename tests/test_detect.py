@@ -1,0 +1,139 @@
+"""Face detectors with keypoints on real frames: SCRFD on ONNX Runtime and torch, YuNet, batching, the keypoint
+mask, and whole runs with each detector."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+
+from cafi_stream.cascade import yaw_ratio
+from cafi_stream.detect import Detections
+from cafi_stream.landmarks import keypoint_landmarks
+from conftest import FR_MODEL, SHARED, VIDEO, face_analysis, read_rows, run_cli
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """Every 15th frame of the Hamilton clip (a stage face, then small audience faces) and of a 1080p street."""
+    out = []
+    for path in (VIDEO, SHARED / "real" / "videos" / "street_1080p_multiface.mp4"):
+        with av.open(str(path)) as c:
+            out.append([f.to_ndarray(format="rgb24") for i, f in enumerate(c.decode(video=0)) if i % 15 == 0][:8])
+    return out
+
+
+def _frontal(dets: Detections) -> np.ndarray:
+    """Faces of at least 60 px (small faces' points are noisy) turned less than about 30 degrees."""
+    return (dets.side >= 60) & np.array([abs(yaw_ratio(p)) < 0.25 for p in dets.five], bool)
+
+
+def _plausible(dets: Detections) -> None:
+    """Keypoints inside their box; on frontal faces, eyes above the mouth and the subject's right eye on the
+    image's left (a profile puts both eyes on one side)."""
+    assert dets.has_points.all()
+    x1, y1, x2, y2 = dets.xyxy.T
+    inside = ((dets.five[..., 0] >= x1[:, None]) & (dets.five[..., 0] <= x2[:, None])
+              & (dets.five[..., 1] >= y1[:, None]) & (dets.five[..., 1] <= y2[:, None]))
+    assert inside.mean() > 0.95
+    front = _frontal(dets)
+    assert front.sum() >= 5
+    assert (dets.five[front, :2, 1].max(1) < dets.five[front, 3:, 1].min(1)).all()
+    assert (dets.five[front, 0, 0] < dets.five[front, 1, 0]).all()
+
+
+@pytest.mark.parametrize("model", ["scrfd_2.5g", "yunet"])
+def test_detector_finds_faces_with_keypoints(model, frames):
+    analysis = face_analysis(model=model)
+    try:
+        for clip in frames:
+            found = [analysis(f) for f in clip]
+            assert sum(len(d) > 0 for d in found) >= 0.75 * len(clip)
+            _plausible(Detections(*(np.concatenate(parts) for parts in
+                                    zip(*((d.xyxy, d.confidence, d.five) for d in found)))))
+        street = [analysis(f) for f in frames[1]]
+        assert max(len(d) for d in street) >= 4   # 5-6 people walk towards the camera
+    finally:
+        analysis.close()
+
+
+def test_scrfd_backends_and_batches_agree(frames):
+    """ONNX Runtime and torch (the graph converted) find the same faces; a batch of frames gives what frames one
+    at a time give."""
+    ort_, torch_ = face_analysis(model="scrfd_2.5g"), None
+    try:
+        from cafi_stream.analyse import FaceAnalysis
+        from cafi_stream.config import load_config
+        from cafi_stream.models import default_models_dir
+
+        torch_ = FaceAnalysis(load_config(overrides={"detect": {"model": "scrfd_2.5g"}}).detect, default_models_dir(),
+                              backend="torch")
+        assert torch_.detector.engine.backend == "torch" and ort_.detector.engine.backend == "ort"
+        clip = frames[0]
+        one = [ort_(f) for f in clip]
+        batch = ort_.detect(clip)
+        other = torch_.detect(clip)
+        for a, b, c in zip(one, batch, other):
+            assert len(a) == len(b) == len(c)
+            np.testing.assert_allclose(a.xyxy, b.xyxy, atol=0.5)
+            np.testing.assert_allclose(a.xyxy, c.xyxy, atol=1.0)
+            np.testing.assert_allclose(a.five, c.five, atol=1.0)
+    finally:
+        ort_.close()
+        if torch_ is not None:
+            torch_.close()
+
+
+def test_detections_container_checks_lengths_and_takes_masks():
+    d = Detections(np.array([[0, 0, 10, 10], [5, 5, 25, 25]], np.float32), np.array([0.9, 0.4], np.float32),
+                   np.full((2, 5, 2), np.nan, np.float32))
+    kept = d[d.confidence > 0.5]
+    assert len(kept) == 1 and kept.side.tolist() == [10.0] and not kept.has_points.any()
+    with pytest.raises(ValueError):
+        Detections(d.xyxy, d.confidence[:1], d.five)
+
+
+def test_keypoint_mask_covers_the_face_and_follows_roll(frames):
+    """On the largest frontal face of the street clip, the ellipse holds the 5 points and fills most of the box."""
+    analysis = face_analysis(model="scrfd_2.5g")
+    dets = max((d[_frontal(d)] for d in (analysis(f) for f in frames[1])), key=lambda d: d.side.max(initial=0))
+    analysis.close()
+    i = int(np.argmax(dets.side))
+    lm = keypoint_landmarks(dets.five[i])
+    import cv2
+
+    poly = lm.oval.astype(np.float32).reshape(-1, 1, 2)
+    assert all(cv2.pointPolygonTest(poly, tuple(map(float, p)), False) > 0 for p in lm.five)
+    x1, y1, x2, y2 = dets.xyxy[i]
+    inside = ((lm.oval[:, 0] >= x1 - 0.1 * (x2 - x1)) & (lm.oval[:, 0] <= x2 + 0.1 * (x2 - x1))
+              & (lm.oval[:, 1] >= y1 - 0.1 * (y2 - y1)) & (lm.oval[:, 1] <= y2 + 0.1 * (y2 - y1)))
+    assert inside.mean() > 0.9
+    area = cv2.contourArea(poly)
+    assert 0.35 < area / float((x2 - x1) * (y2 - y1)) < 0.9
+    # Rolled 30 degrees about the eyes' midpoint, the outline turns with the points.
+    c = (lm.five[0] + lm.five[1]) / 2
+    t = np.deg2rad(30)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]], np.float32)
+    turned = keypoint_landmarks((lm.five - c) @ rot.T + c)
+    np.testing.assert_allclose(turned.oval, (lm.oval - c) @ rot.T + c, atol=0.05)
+
+
+@pytest.mark.parametrize("model", ["scrfd_2.5g", "yunet"])
+def test_pipeline_runs_with_a_keypoint_detector(model, tmp_path):
+    """The whole run on the Hamilton clip: the main face is one track whose kept faces were aligned on the
+    detector's own keypoints (no mesh call)."""
+    out = tmp_path / "out"
+    proc = run_cli(VIDEO, "--topk", 3, "--iqa", "none", "--fr-model", FR_MODEL, "--detector", model, "--out", out,
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engines"]["face_detector"] == model
+    assert summary["models"]["face_detector"]["name"] == model and "face_mesh" not in summary["models"]
+    assert "landmarks" not in summary["seconds"] or summary["seconds"]["landmarks"] < 0.5
+    rows = read_rows(out)
+    tracks = {r["track_id"] for r in rows}
+    # The performer's close-up (frames ~90-215) is the one face large enough to keep for most of the clip.
+    main = max(tracks, key=lambda t: sum(r["track_id"] == t for r in rows))
+    frames = sorted(r["frame_index"] for r in rows if r["track_id"] == main)
+    assert len(frames) == 3 and 80 <= frames[0] and frames[-1] <= 230
+    assert len(tracks) <= 4

@@ -108,7 +108,7 @@ def _print_status(h: dict) -> None:
     sys.stderr.flush()
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def config_overrides(args: argparse.Namespace) -> dict:
     """{section: {key: value}} for the flags given; a parser that lacks a flag (engines build) just skips it."""
     flags = {"output": {"topk": "topk", "min_gap": "min_gap"}, "faces": {"min_face": "min_face"},
              "fr": {"model": "fr_model"}, "detect": {"model": "detector"}, "iqa": {"name": "iqa"}, "decode": {"max_frames": "max_frames"},
@@ -173,7 +173,7 @@ def engines_main(argv: list[str]) -> int:
         from .config import load_config
         from .pipeline import Models
 
-        models = Models.load(load_config(args.config, _overrides(args)))
+        models = Models.load(load_config(args.config, config_overrides(args)))
         result = {"engines_dir": str(engines_dir()), "engines": models.engines}
         models.close()
         return result
@@ -205,7 +205,7 @@ def batch_main(argv: list[str]) -> int:
         from .batch import run_batch
         from .config import load_config
 
-        return run_batch(args.inputs, load_config(args.config, _overrides(args)), args.out, workers=args.workers,
+        return run_batch(args.inputs, load_config(args.config, config_overrides(args)), args.out, workers=args.workers,
                          ray=args.ray is not None, ray_address=args.ray or None, exports=tuple(args.export),
                          on_video=_on_video(args.quiet))
 
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import run
 
         progress = not args.quiet and sys.stderr.isatty()
-        return run(args.source, load_config(args.config, _overrides(args)), out_dir=args.out, progress=progress,
+        return run(args.source, load_config(args.config, config_overrides(args)), out_dir=args.out, progress=progress,
                    stats_json=args.stats_json, scores_out=args.scores_out, exports=tuple(args.export),
                    on_status=None if args.quiet else _print_status, overwrite=args.overwrite)
 

@@ -77,6 +77,7 @@ def detection_stride(fps: float, rate: float) -> int:
 
 class Detector(Protocol):
     name: str
+    backend: str   # where it runs: "ort/cpu", "tensorrt/cuda", "opencv/cpu", ...
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """RGB frames (all of one size) -> one `Detections` per frame."""
@@ -158,6 +159,7 @@ class ScrfdDetector:
         source = ModelSource(name=spec.name, onnx_path=dynamic_onnx(path, sha256_of(path), engines_dir()),
                              sha256=sha256_of(path), input_shape=(3, cfg.size, cfg.size), dynamic_hw=True)
         self.engine = create_engine(source, backend, device, max_batch=cfg.batch)
+        self.backend = f"{self.engine.backend}/{self.engine.device}"
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if not len(images):
@@ -204,6 +206,8 @@ class ScrfdDetector:
 class YunetDetector:
     """YuNet through OpenCV's own post-processing (`cv2.FaceDetectorYN`), one frame at a time on CPU."""
 
+    backend = "opencv/cpu"
+
     def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path, device: str, backend: str):
         self.name, self.box_scale, self.size = spec.name, spec.box_scale, cfg.size
         self._model = cv2.FaceDetectorYN.create(str(path), "", (cfg.size, cfg.size), cfg.min_confidence, 0.3, 5000)
@@ -237,6 +241,8 @@ class YunetDetector:
 
 class MediapipeDetector:
     """mediapipe's full-range detector (the short-range one misses ~100 px faces in 720p)."""
+
+    backend = "mediapipe/cpu"
 
     def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path | None, device: str, backend: str):
         self.name, self.box_scale = spec.name, spec.box_scale

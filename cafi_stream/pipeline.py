@@ -97,7 +97,7 @@ class Models:
 
     @property
     def engines(self) -> dict[str, str]:
-        out = {"face_detector": self.faces.name,
+        out = {"face_detector": self.faces.name, "face_detector_backend": self.faces.detector.backend,
                "fr_backbone": f"{self.serfiq.engine.backend}/{self.serfiq.engine.device}"}
         if self.iqa is not None:
             out["iqa"] = f"{self.iqa.engine.backend}/{self.iqa.engine.device}"
@@ -190,14 +190,14 @@ class _Run:
 
     def _pump(self, flush: bool = False, ending: int | None = None) -> None:
         for face, (score, emb) in (self.serfiq_batch.flush() if flush else self.serfiq_batch.poll()):
-            face.serfiq, face.embedding = score, emb
-            face.signals = signal_vector(score, None, face.measures)
+            face = dataclasses.replace(face, serfiq=score, embedding=emb,
+                                       signals=signal_vector(score, None, face.measures))
             with self.timer("select"):
                 passes = self.selector.passes(face.track_id, score)
             if self.scores is not None:
                 self.scores.record(face)
             if self.iqa is None:
-                face.quality = self._ranker_value(face)
+                face = dataclasses.replace(face, quality=self._ranker_value(face))
                 if passes:
                     self.selector.offer(face)
                 if self.scores is not None:
@@ -207,7 +207,7 @@ class _Run:
             if not (passes or self.exhaustive or self.selector.fusion != "filter"):
                 continue
             if not self.exhaustive:
-                face.score = score
+                face = dataclasses.replace(face, score=score)
                 self.selector.offer_fallback(face)
             self.scheduler.submit(face.track_id, face.pts_time, face.proxy, face)
         if self.iqa is None:

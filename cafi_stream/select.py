@@ -7,7 +7,7 @@ Each track holds a SER-FIQ histogram (fixed size) and a pool of at most topk * p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -17,8 +17,10 @@ from .fusion import FusionModel, RunningStats
 _BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
 
 
-@dataclass(eq=False)   # pools hold faces by identity; their numpy fields make field equality meaningless
+@dataclass(frozen=True, eq=False)   # pools hold faces by identity; numpy fields make field equality meaningless
 class ScoredFace:
+    """One scored face; later stages add to it with `dataclasses.replace`, never in place."""
+
     track_id: int
     frame_index: int
     pts_time: float
@@ -209,8 +211,7 @@ class Selector:
         pool.quality.add(face.quality)
         if self.fusion == "learned":
             pool.signals.add(face.signals)
-        face.score = self._score(pool, face)
-        return pool.offer(face)
+        return pool.offer(replace(face, score=self._score(pool, face)))
 
     def close(self, track_id: int) -> list[KeptFace]:
         """End a track: apply the final SER-FIQ threshold and return its top-k, `min_gap` apart, best first."""
@@ -226,9 +227,8 @@ class Selector:
         if pool is None:
             return []
         threshold = self.rule.threshold(pool.hist)
-        for f in pool.faces:   # with final track statistics
-            f.score = self._score(pool, f)
-        faces = [f for f in pool.faces if f.serfiq >= threshold]
+        rescored = [replace(f, score=self._score(pool, f)) for f in pool.faces]   # with final track statistics
+        faces = [f for f in rescored if f.serfiq >= threshold]
         if not faces and fallback is not None:
             faces = [f for f in fallback.faces if f.serfiq >= threshold]
         return [KeptFace(face, rank) for rank, face in enumerate(self._diverse(faces), 1)]

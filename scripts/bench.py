@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark cafi-stream on one video; prints one JSON object on stdout.
 
-    scripts/bench.py VIDEO [--upscale 720|1080] [--exhaustive] [--random-dbcnn] [--compare-exhaustive]
+    scripts/bench.py VIDEO [--upscale 720|1080] [--exhaustive] [--random-dbcnn] [--random-r50] [--compare-exhaustive]
                      [cafi-stream run options: --fr-model, --iqa, --backend, --device, --topk, --config, ...]
 
 It measures, for the same video: decode-only fps (PyAV threaded decode to RGB, nothing else), end-to-end fps of
 the pipeline (models loaded beforehand), milliseconds per frame of each stage, IQA (DBCNN) calls, peak RSS, the
 backend and device. `--compare-exhaustive` also runs the exhaustive reference and reports how much of its top-k
-the run kept. `--random-dbcnn` uses a randomly initialised DBCNN: its cost is real, its scores mean nothing.
+the run kept. `--random-dbcnn` uses a randomly initialised DBCNN and `--random-r50` a randomly initialised network
+of the default recognition model's exact topology (ArcFace R50: iresnet50, 25088->512 head): their cost is real,
+their scores mean nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CAFI_MODEL_PATH", str(ROOT.parent / "shared" / "data" / "models" / "optional"))
 sys.path.insert(0, str(ROOT))
 
-from cafi_stream.cli import _overrides, build_parser  # noqa: E402
+from cafi_stream.cli import config_overrides, build_parser  # noqa: E402
 from cafi_stream.config import load_config  # noqa: E402
 from cafi_stream.decode import Decoder  # noqa: E402
 
@@ -81,6 +83,43 @@ def topk_overlap(reference: list[dict], rows: list[dict], tolerance: float) -> d
     return {"same_moment": round(near / n, 3), "same_frame": round(same_frame / n, 3), "reference_faces": len(reference)}
 
 
+def iresnet50_onnx(path: Path) -> Path:
+    """ArcFace R50's topology (insightface's iresnet50: 3-4-14-3 pre-activation basic blocks, widths 64-512, then
+    BN, flatten, a 25088->512 linear layer and BN), randomly initialised, exported to ONNX with a dynamic batch."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+                nn.PReLU(cout), nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
+            self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            return self.body(x) + self.skip(x)
+
+    layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)], 64
+    for cout, blocks in zip((64, 128, 256, 512), (3, 4, 14, 3)):
+        for i in range(blocks):
+            layers.append(Block(cin, cout, 2 if i == 0 else 1))
+            cin = cout
+    layers += [nn.BatchNorm2d(512), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512)]
+    net = nn.Sequential(*layers).eval()
+    with torch.no_grad():   # trained-looking statistics (and no identical tensors for the exporter to merge)
+        for m in net.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+            elif isinstance(m, nn.PReLU):
+                m.weight.uniform_(0.1, 0.4)
+    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), str(path), input_names=["input"], output_names=["embedding"],
+                      dynamic_axes={"input": {0: "n"}, "embedding": {0: "n"}}, opset_version=17, dynamo=False)
+    return path
+
+
 def run_once(video: str, cfg, out: Path, random_dbcnn: bool) -> tuple[dict, list[dict]]:
     from cafi_stream.pipeline import Models, run
 
@@ -96,13 +135,16 @@ def main(argv=None) -> int:
     p.add_argument("video")
     p.add_argument("--upscale", type=int, choices=[720, 1080])
     p.add_argument("--random-dbcnn", action="store_true")
+    p.add_argument("--random-r50", action="store_true", help="the default recognition model's topology, random weights")
     p.add_argument("--compare-exhaustive", action="store_true")
     args, rest = p.parse_known_args(argv)
     run_args = build_parser().parse_args([args.video, *rest])
-    cfg = load_config(run_args.config, _overrides(run_args))
+    cfg = load_config(run_args.config, config_overrides(run_args))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         video = upscale(args.video, args.upscale, tmp) if args.upscale else args.video
+        if args.random_r50:
+            cfg.fr.model = str(iresnet50_onnx(tmp / "iresnet50_random.onnx"))
         dec_fps = decode_fps(video)
         summary, rows = run_once(video, cfg, tmp / "run", args.random_dbcnn)
         frames = summary["frames"]
@@ -128,6 +170,8 @@ def main(argv=None) -> int:
             "backend": summary["engines"],
             "device": summary["device"],
             "random_dbcnn": args.random_dbcnn,
+            "random_r50": args.random_r50,
+            "detector": summary["engines"]["face_detector"],
         }
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         if args.compare_exhaustive and not cfg.cascade.exhaustive:

@@ -137,3 +137,15 @@ def test_pipeline_runs_with_a_keypoint_detector(model, tmp_path):
     frames = sorted(r["frame_index"] for r in rows if r["track_id"] == main)
     assert len(frames) == 3 and 80 <= frames[0] and frames[-1] <= 230
     assert len(tracks) <= 4
+
+
+def test_pipeline_runs_with_the_detector_on_torch(tmp_path):
+    """--backend torch: SCRFD (converted from ONNX) and the recognition backbone both run in torch."""
+    out = tmp_path / "out"
+    proc = run_cli(VIDEO, "--topk", 2, "--iqa", "none", "--fr-model", FR_MODEL, "--detector", "scrfd_2.5g",
+                   "--backend", "torch", "--max-frames", 150, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engines"]["fr_backbone"] == summary["engines"]["face_detector_backend"] == "torch/cpu"
+    rows = read_rows(out)
+    assert rows and all(np.isfinite(r["landmarks"]).all() for r in rows)

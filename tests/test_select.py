@@ -1,5 +1,7 @@
 """Per-track top-k: SER-FIQ threshold, time gap, bounded pool."""
 
+import dataclasses
+
 import numpy as np
 
 from cafi_stream.select import ScoredFace, Selector, SerfiqRule
@@ -70,9 +72,7 @@ def test_pose_bins_keep_side_views_that_rank_below_many_frontal_faces():
     the bounded pool and are kept; without, the top-k is all frontal."""
     faces = [face(i, 10.0 + i) for i in range(40)]   # frontal, 1 s apart
     for i, pose in enumerate(["left", "left", "right"]):
-        side = face(100 + i, 1.0 + i)
-        side.pose = pose
-        faces.append(side)
+        faces.append(dataclasses.replace(face(100 + i, 1.0 + i), pose=pose))
     for bins in (False, True):
         sel = Selector(topk=4, min_gap=0.5, rule=SerfiqRule(quantile=0), pose_bins=bins)
         feed(sel, faces)
@@ -86,9 +86,7 @@ def test_pose_bins_keep_side_views_that_rank_below_many_frontal_faces():
 def test_max_similarity_drops_near_duplicates():
     a, b, c = np.eye(4)[0], (np.eye(4)[0] + 0.1 * np.eye(4)[1]), np.eye(4)[2]
     b = b / np.linalg.norm(b)
-    faces = [face(0, 3.0), face(1, 2.0), face(2, 1.0)]
-    for f, e in zip(faces, (a, b, c)):
-        f.embedding = e
+    faces = [dataclasses.replace(face(t, s), embedding=e) for t, s, e in ((0, 3.0, a), (1, 2.0, b), (2, 1.0, c))]
     sel = Selector(topk=3, min_gap=0.5, rule=SerfiqRule(quantile=0), max_similarity=0.9)
     feed(sel, faces)
     assert [k.face.pts_time for k in sel.close(1)] == [0, 2]   # the near-copy of the best face is dropped

@@ -65,6 +65,10 @@ def test_backbone_cache_is_keyed_by_model(tmp_path, monkeypatch):
 
 def test_tensorrt_profile_shapes():
     assert profile_shapes((3, 384, 384), 16) == ((1, 3, 384, 384), (8, 3, 384, 384), (16, 3, 384, 384))
+    # A detector's frames keep their aspect: height and width range up to the largest input.
+    assert profile_shapes((3, 640, 640), 8, dynamic_hw=True) == ((1, 3, 32, 32), (4, 3, 640, 640), (8, 3, 640, 640))
+    assert (engine_key("ab" * 32, "H200", "10.3.0", "fp16", profile_shapes((3, 640, 640), 8, dynamic_hw=True))
+            != engine_key("ab" * 32, "H200", "10.3.0", "fp16", profile_shapes((3, 640, 640), 8)))
     assert profile_shapes((3, 112, 112), 1) == ((1, 3, 112, 112),) * 3
     with pytest.raises(ValueError):
         profile_shapes((3, 112, 112), 0)

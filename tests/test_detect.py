@@ -149,3 +149,24 @@ def test_pipeline_runs_with_the_detector_on_torch(tmp_path):
     assert summary["engines"]["fr_backbone"] == summary["engines"]["face_detector_backend"] == "torch/cpu"
     rows = read_rows(out)
     assert rows and all(np.isfinite(r["landmarks"]).all() for r in rows)
+
+
+def test_scrfd_graph_is_made_free_in_batch_height_and_width(tmp_path):
+    """The published SCRFD fixes 1x640x640 down to its upsampling sizes; the rewritten graph runs a batch of two
+    16:9 frames and gives each what it gives alone."""
+    import onnxruntime as ort
+
+    from cafi_stream.detect import DETECTORS, dynamic_onnx
+    from cafi_stream.models import sha256_of
+    from conftest import OPTIONAL_MODELS
+
+    src = OPTIONAL_MODELS / DETECTORS["scrfd_2.5g"].model.file_name
+    path = dynamic_onnx(src, sha256_of(src), tmp_path)
+    assert dynamic_onnx(src, sha256_of(src), tmp_path) == path   # made once
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(2, 3, 384, 640)).astype(np.float32)
+    both = session.run(None, {session.get_inputs()[0].name: x})
+    one = session.run(None, {session.get_inputs()[0].name: x[1:]})
+    assert [o.shape[2:] for o in both[:3]] == [(48, 80), (24, 40), (12, 20)]
+    for a, b in zip(both, one):
+        np.testing.assert_allclose(a[1:], b, atol=1e-4)

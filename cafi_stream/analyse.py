@@ -1,5 +1,6 @@
-"""Stages 2-4a as one face-analysis front end: detect faces, then give each the 5 alignment points and the outline
-that masks the background away.
+"""Stages 2-4 as one analysis stage: detect faces, track them, gate them, give each the 5 alignment points and the
+outline that masks the background away, crop and measure them. `Analyser` hands the scoring stages frozen
+`Analysed` records.
 
 Where the detector gives keypoints (SCRFD, YuNet), they align the face and an ellipse on them is the mask: no mesh
 call. Where it does not (mediapipe), or where `detect.landmarks = "mesh"` asks for it, mediapipe's face mesh
@@ -8,15 +9,24 @@ supplies both.
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .config import DetectConfig
-from .detect import Detections, create_detector
+from .align import crop_face
+from .cascade import yaw_ratio
+from .config import Config, DetectConfig
+from .decode import VideoFrame
+from .detect import Detections, create_detector, detection_stride
 from .errors import InputError
 from .landmarks import FaceLandmarks, FaceMesher, keypoint_landmarks
+from .measures import measure
+from .select import ScoredFace, pose_bin
+from .track import FaceTracker
 
 
 class FaceAnalysis:
@@ -68,3 +78,130 @@ class FaceAnalysis:
         self.detector.close()
         if self.mesher is not None:
             self.mesher.close()
+
+
+@dataclass(frozen=True)
+class EndedTrack:
+    track_id: int
+    span: tuple[float, float]   # first and last time it was detected
+    real: bool                  # detected often enough to be a face (or the input was too short to tell)
+
+
+@dataclass(frozen=True)
+class Analysed:
+    """What one frame gives the scoring stages: the tracks that ended before it, and its faces to score."""
+
+    ended: tuple[EndedTrack, ...] = ()
+    faces: tuple[ScoredFace, ...] = ()
+
+
+class Analyser:
+    """The analysis stage: detect (every `stride` frames), track, gate, landmarks, crops and capture measures.
+    Frames go in; frozen `Analysed` records come out. Its counters say why faces were not scored."""
+
+    def __init__(self, cfg: Config, faces: FaceAnalysis, fps: float, timer):
+        self.cfg, self.faces, self.timer = cfg, faces, timer
+        self.stride = 1 if cfg.cascade.exhaustive else detection_stride(fps, cfg.detect.rate)
+        self.tracker = FaceTracker(cfg.track, fps, period=self.stride)
+        self.interval = 0.0 if cfg.cascade.exhaustive else cfg.cascade.sample_interval
+        self.counts: dict[str, int] = defaultdict(int)
+        self.last_sampled: dict[int, float] = {}
+        self.span: dict[int, tuple[float, float]] = {}   # open track -> (first, last) time it was detected
+        self.detect_passes = 0
+        self.largest_face = 0.0
+        self.cut_frames: deque[int] = deque(maxlen=1000)   # the latest cuts' frame indices, for the summary
+
+    def __call__(self, frame: VideoFrame) -> Analysed:
+        self.counts["frames"] += 1
+        ended: list[EndedTrack] = []
+        with self.timer("track"):
+            cut = self.tracker.check_cut(frame.image)
+        if cut:
+            self.cut_frames.append(frame.index)
+            ended += self._ended(self.tracker.finish(), frame.pts_time)
+        if frame.index % self.stride:
+            return Analysed(tuple(ended))
+        with self.timer("detect"):
+            dets = self.faces(frame.image)
+        self.detect_passes += 1
+        self.counts["faces_detected"] += len(dets)
+        if len(dets):
+            self.largest_face = max(self.largest_face, float(dets.side.max()))
+        with self.timer("track"):
+            update = self.tracker.update(dets, frame.pts_time)
+        ended += self._ended(update.ended, frame.pts_time)
+        faces = []
+        for i in np.flatnonzero(update.track_ids >= 0):
+            tid = int(update.track_ids[i])
+            self.span[tid] = (self.span.get(tid, (frame.pts_time,))[0], frame.pts_time)
+            why = self._gate(tid, float(dets.side[i]), float(dets.confidence[i]), frame.pts_time)
+            if why is None:
+                self.last_sampled[tid] = frame.pts_time
+                face = self._face(frame, dets, int(i), tid)
+                why = face if isinstance(face, str) else None
+            if why is not None:
+                self.counts[f"gate_{why}"] += 1
+            else:
+                faces.append(face)
+        return Analysed(tuple(ended), tuple(faces))
+
+    def nothing_kept(self) -> str:
+        """One line on why a run kept no face."""
+        c, frames = self.counts, self.counts["frames"]
+        if not c["faces_detected"]:
+            return f"no face kept: no face was detected in {frames} frame(s)"
+        gates = {"too_small": f"smaller than --min-face {self.cfg.faces.min_face} px "
+                              f"(the largest was {self.largest_face:.0f} px)",
+                 "low_det_score": "under cascade.min_det_score", "no_landmarks": "without landmarks",
+                 "yaw": "turned too far (cascade.max_yaw)", "blur": "too blurred (cascade.min_sharpness)"}
+        why = [f"{c[f'gate_{g}']} {text}" for g, text in gates.items() if c[f"gate_{g}"]]
+        return (f"no face kept: {c['faces_detected']} face detection(s) in {frames} frame(s); not scored: "
+                + ("; ".join(why) if why else "none, but every scored face failed the SER-FIQ rule or was in a "
+                                              "track too short to keep (track.min_frames)"))
+
+    def finish(self, now: float) -> tuple[EndedTrack, ...]:
+        """End every open track (end of input)."""
+        return tuple(self._ended(self.tracker.finish(), now, at_end=True))
+
+    def _ended(self, track_ids, now: float, at_end: bool = False) -> list[EndedTrack]:
+        # An input with fewer detection passes than track.min_frames (a still image, a one-frame clip) could
+        # never keep a face: there, one detection is enough.
+        short_input = at_end and self.detect_passes < self.cfg.track.min_frames
+        out = []
+        for tid in track_ids:
+            self.last_sampled.pop(tid, None)
+            out.append(EndedTrack(tid, self.span.pop(tid, (now, now)), self.tracker.is_real(tid) or short_input))
+        return out
+
+    def _gate(self, tid: int, side: float, det_score: float, pts: float) -> str | None:
+        """Why a tracked face is not scored, or None."""
+        if side < self.cfg.faces.min_face:
+            return "too_small"
+        if det_score < self.cfg.cascade.min_det_score:
+            return "low_det_score"
+        if pts - self.last_sampled.get(tid, -math.inf) < self.interval:
+            return "sampled_out"
+        return None
+
+    def _face(self, frame: VideoFrame, dets: Detections, i: int, tid: int) -> ScoredFace | str:
+        """The face to score, or why it is not scored (no landmarks, turned too far, too blurred)."""
+        cfg = self.cfg
+        with self.timer("landmarks"):
+            lm = self.faces.landmarks(frame.image, dets, i)
+        if lm is None:
+            return "no_landmarks"
+        yaw = yaw_ratio(lm.five)
+        if abs(yaw) > cfg.cascade.max_yaw:
+            return "yaw"
+        with self.timer("align"):
+            crops = crop_face(frame.image, dets.xyxy[i], lm, cfg.faces.aligned_size, cfg.faces.iqa_size,
+                              cfg.output.context_scale)
+        with self.timer("measures"):
+            capture = measure(frame.image, dets.xyxy[i], crops.aligned, lm.five, lm.mesh)
+        if capture.sharpness < cfg.cascade.min_sharpness:
+            return "blur"
+        return ScoredFace(
+            track_id=tid, frame_index=frame.index, pts_time=frame.pts_time, bbox=dets.xyxy[i],
+            det_score=float(dets.confidence[i]), landmarks=lm.five, serfiq=math.nan, embedding=None,
+            iqa=None, score=math.nan, sharpness=capture.sharpness, proxy=capture.detail, yaw=yaw, crops=crops,
+            measures=capture, pose=pose_bin(yaw, cfg.diversity.frontal_yaw))

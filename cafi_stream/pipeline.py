@@ -10,13 +10,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import signal
 import threading
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,26 +23,22 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .align import crop_face
 from .batching import MicroBatcher
-from .cascade import IqaScheduler, yaw_ratio
+from .cascade import IqaScheduler
 from .config import Config
 from .dataset import finalize as finalize_output, read_rows
 from .decode import Decoder, VideoFrame
-from .analyse import FaceAnalysis
-from .detect import detection_stride
+from .analyse import Analyser, EndedTrack, FaceAnalysis
 from .backend import resolve_device
 from .errors import OutputError
 from .fusion import FusionModel, ranking_fusion, signal_vector
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
-from .measures import measure
 from .models import default_models_dir, resolve_fr_model, sha256_of
 from .outdir import METADATA, OutputDir, atomic_write, check_output_file, writing
-from .select import Selector, ScoredFace, SerfiqRule, pose_bin
+from .select import Selector, ScoredFace, SerfiqRule
 from .serfiq import SerFiq
 from .sources import is_live, redact, source_stem
-from .track import FaceTracker
 from .writer import OutputWriter, ScoresLog
 
 log = logging.getLogger(__name__)
@@ -132,8 +127,7 @@ class _Run:
         self.decoder = decoder
         self.writer = writer
         self.timer = Stopwatch()
-        self.stride = 1 if cfg.cascade.exhaustive else detection_stride(decoder.info.fps, cfg.detect.rate)
-        self.tracker = FaceTracker(cfg.track, decoder.info.fps, period=self.stride)
+        self.analyser = Analyser(cfg, models.faces, decoder.info.fps, self.timer)
         min_score = cfg.serfiq.min_score
         if min_score == "auto":
             min_score = models.serfiq.spec.serfiq_min
@@ -158,15 +152,9 @@ class _Run:
         clock = None if isinstance(decoder, LiveDecoder) else (lambda: self.now)
         self.serfiq_batch = MicroBatcher(self._run_serfiq, rt.max_batch, rt.max_wait_ms, clock=clock)
         self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms, clock=clock)
-        self.last_sampled: dict[int, float] = {}
-        self.counts: dict[str, int] = defaultdict(int)
         self.opened: dict[int, float] = {}   # open track -> time of its first scored face
-        self.span: dict[int, tuple[float, float]] = {}   # open track -> (first, last) time it was detected
         self.last_snapshot = 0.0
         self.now = 0.0
-        self.detect_passes = 0
-        self.largest_face = 0.0
-        self.cut_frames: deque[int] = deque(maxlen=1000)   # the latest cuts' frame indices, for the summary
 
     # -- engines, called by the micro-batchers
     def _run_serfiq(self, faces: list[ScoredFace]) -> list[tuple[float, np.ndarray]]:
@@ -223,11 +211,10 @@ class _Run:
             if self.scores is not None:
                 self.scores.update(face)
 
-    def _end_tracks(self, track_ids, at_end: bool = False) -> None:
-        # An input with fewer detection passes than track.min_frames (a still image, a one-frame clip) could
-        # never keep a face: there, one detection is enough.
-        short_input = at_end and self.detect_passes < self.cfg.track.min_frames
-        for tid in track_ids:
+    def _end_tracks(self, tracks) -> None:
+        """Drain what is pending for each ended track, then write it (if it was a real face's track)."""
+        for track in tracks:
+            tid = track.track_id
             self._pump(flush=True, ending=tid)
             with self.timer("select"):
                 if self.scores is not None:
@@ -235,81 +222,21 @@ class _Run:
                 kept = self.selector.close(tid)
             if self.scores is not None:
                 self.scores.close_track(tid, kept, threshold, score)
-            self.last_sampled.pop(tid, None)
             self.opened.pop(tid, None)
-            span = self.span.pop(tid, (self.now, self.now))
-            if self.tracker.is_real(tid) or short_input:
+            if track.real:
                 with self.timer("write"):
-                    self.writer.write_track(tid, kept, span)
-
-    def _gate(self, tid: int, side: float, det_score: float, pts: float) -> str | None:
-        """Why a tracked face is not scored, or None."""
-        if side < self.cfg.faces.min_face:
-            return "too_small"
-        if det_score < self.cfg.cascade.min_det_score:
-            return "low_det_score"
-        interval = 0.0 if self.exhaustive else self.cfg.cascade.sample_interval
-        if pts - self.last_sampled.get(tid, -math.inf) < interval:
-            return "sampled_out"
-        return None
+                    self.writer.write_track(tid, kept, track.span)
 
     def handle(self, frame: VideoFrame) -> None:
-        cfg, m, timer = self.cfg, self.models, self.timer
-        self.counts["frames"] += 1
         self.now = frame.pts_time
-        with timer("track"):
-            cut = self.tracker.check_cut(frame.image)
-        if cut:
-            self.cut_frames.append(frame.index)
-            self._end_tracks(self.tracker.finish())
-        if frame.index % self.stride:
-            self._pump()
-            return
-        with timer("detect"):
-            dets = m.faces(frame.image)
-        self.detect_passes += 1
-        self.counts["faces_detected"] += len(dets)
-        if len(dets):
-            self.largest_face = max(self.largest_face, float(dets.side.max()))
-        with timer("track"):
-            update = self.tracker.update(dets, frame.pts_time)
-        self._end_tracks(update.ended)
-        for i in range(len(dets)):
-            tid = int(update.track_ids[i])
-            if tid < 0:
-                continue
-            self.span[tid] = (self.span.get(tid, (frame.pts_time,))[0], frame.pts_time)
-            why = self._gate(tid, float(dets.side[i]), float(dets.confidence[i]), frame.pts_time)
-            if why:
-                self.counts[f"gate_{why}"] += 1
-                continue
-            self.last_sampled[tid] = frame.pts_time
-            self.opened.setdefault(tid, frame.pts_time)
-            with timer("landmarks"):
-                lm = m.faces.landmarks(frame.image, dets, i)
-            if lm is None:
-                self.counts["gate_no_landmarks"] += 1
-                continue
-            yaw = yaw_ratio(lm.five)
-            if abs(yaw) > cfg.cascade.max_yaw:
-                self.counts["gate_yaw"] += 1
-                continue
-            with timer("align"):
-                crops = crop_face(frame.image, dets.xyxy[i], lm, cfg.faces.aligned_size, cfg.faces.iqa_size,
-                                  cfg.output.context_scale)
-            with timer("measures"):
-                capture = measure(frame.image, dets.xyxy[i], crops.aligned, lm.five, lm.mesh)
-            sharp = capture.sharpness
-            if sharp < cfg.cascade.min_sharpness:
-                self.counts["gate_blur"] += 1
-                continue
-            self.serfiq_batch.add(ScoredFace(
-                track_id=tid, frame_index=frame.index, pts_time=frame.pts_time, bbox=dets.xyxy[i],
-                det_score=float(dets.confidence[i]), landmarks=lm.five, serfiq=math.nan, embedding=None,
-                iqa=None, score=math.nan, sharpness=sharp, proxy=capture.detail, yaw=yaw, crops=crops, measures=capture,
-                pose=pose_bin(yaw, cfg.diversity.frontal_yaw)))
+        analysed = self.analyser(frame)
+        self._end_tracks(analysed.ended)
+        for face in analysed.faces:
+            self.opened.setdefault(face.track_id, face.pts_time)
+            self.serfiq_batch.add(face)
         self._pump()
-        self._snapshot(frame.pts_time)
+        if not frame.index % self.analyser.stride:   # snapshots on detection frames
+            self._snapshot(frame.pts_time)
 
     def _snapshot(self, now: float) -> None:
         """Tracks that never end (someone standing in view) get their best-so-far written every interval."""
@@ -320,75 +247,66 @@ class _Run:
         for tid, since in self.opened.items():
             if now - since >= interval:
                 with self.timer("write"):
-                    self.writer.write_snapshot(tid, self.selector.peek(tid), self.span.get(tid, (since, now)))
+                    self.writer.write_snapshot(tid, self.selector.peek(tid),
+                                               self.analyser.span.get(tid, (since, now)))
 
     def health(self) -> dict:
         """Figures for the status line and --stats-json."""
         stats = self.decoder.stats
-        return {"frames_in": stats.frames, "processed": self.counts["frames"],
+        return {"frames_in": stats.frames, "processed": self.analyser.counts["frames"],
                 "dropped": getattr(stats, "dropped", 0), "queue": getattr(self.decoder, "queue_depth", 0),
                 "open_tracks": len(self.selector.open_tracks), "reconnects": getattr(stats, "reconnects", 0),
                 "connected": getattr(stats, "connected", True), "faces_kept": self.writer.rows,
                 "tracks_written": self.writer.tracks}
 
     def finish(self) -> None:
-        self._end_tracks(self.tracker.finish(), at_end=True)
-        self._end_tracks(self.selector.open_tracks, at_end=True)
+        self._end_tracks(self.analyser.finish(self.now))
+        # Pools of tracks the analyser no longer holds: closed, not written (not real faces' tracks).
+        self._end_tracks(EndedTrack(tid, (self.now, self.now), False) for tid in self.selector.open_tracks)
         if self.scores is not None:
             with writing(self.scores.path):
                 self.scores.close()
 
-    def nothing_kept(self) -> str:
-        """One line on why a run kept no face."""
-        c, frames = self.counts, self.counts["frames"]
-        if not c["faces_detected"]:
-            return f"no face kept: no face was detected in {frames} frame(s)"
-        gates = {"too_small": f"smaller than --min-face {self.cfg.faces.min_face} px "
-                              f"(the largest was {self.largest_face:.0f} px)",
-                 "low_det_score": "under cascade.min_det_score", "no_landmarks": "without landmarks",
-                 "yaw": "turned too far (cascade.max_yaw)", "blur": "too blurred (cascade.min_sharpness)"}
-        why = [f"{c[f'gate_{g}']} {text}" for g, text in gates.items() if c[f"gate_{g}"]]
-        return (f"no face kept: {c['faces_detected']} face detection(s) in {frames} frame(s); not scored: "
-                + ("; ".join(why) if why else "none, but every scored face failed the SER-FIQ rule or was in a "
-                                              "track too short to keep (track.min_frames)"))
 
-    def summary(self, wall: float, interrupted: bool) -> dict:
-        info = self.decoder.info
-        rotation = self.decoder.stats.rotation
-        width, height = (info.height, info.width) if rotation % 180 else (info.width, info.height)
-        seconds = {"decode": round(self.decoder.stats.seconds, 3)}
-        seconds.update({k: round(v, 3) for k, v in self.timer.seconds.items()})
-        seconds["processing"] = round(wall, 3)
-        frames = self.counts["frames"]
-        faces = {k: v for k, v in sorted(self.counts.items()) if k != "frames"}
-        faces["serfiq_calls"] = self.serfiq_batch.calls
-        faces["iqa_calls"] = self.iqa_batch.calls
-        faces["iqa_skipped"] = self.scheduler.skipped
-        return {
-            "version": __version__,
-            "source": info.source,
-            "video": {"width": width, "height": height, "rotation": rotation, "fps": round(info.fps, 3),
-                      "codec": info.codec, "declared_frames": info.frames, "declared_duration": info.duration},
-            "frames": frames,
-            "tracks": self.tracker.tracks_started,
-            "tracks_written": self.writer.tracks,
-            "faces_kept": self.writer.rows,
-            "faces": faces,
-            "shot_cuts": self.tracker.shot_cuts,
-            "shot_cut_frames": list(self.cut_frames),
-            "detection_stride": self.stride,
-            "seconds": seconds,
-            "fps": round(frames / wall, 2) if wall > 0 else None,
-            "truncated": self.decoder.stats.truncated,
-            "live": self.health() if isinstance(self.decoder, LiveDecoder) else None,
-            "interrupted": interrupted,
-            "device": self.models.device,
-            "engines": self.models.engines,
-            "iqa": self.iqa.name if self.iqa else None,
-            "ranker": self.method,
-            "models": self.models.files,
-            "config": self.cfg.to_dict(),
-        }
+def run_summary(state: _Run, wall: float, interrupted: bool) -> dict:
+    """summary.json's figures of a finished run."""
+    info = state.decoder.info
+    rotation = state.decoder.stats.rotation
+    width, height = (info.height, info.width) if rotation % 180 else (info.width, info.height)
+    seconds = {"decode": round(state.decoder.stats.seconds, 3)}
+    seconds.update({k: round(v, 3) for k, v in state.timer.seconds.items()})
+    seconds["processing"] = round(wall, 3)
+    a = state.analyser
+    frames = a.counts["frames"]
+    faces = {k: v for k, v in sorted(a.counts.items()) if k != "frames"}
+    faces["serfiq_calls"] = state.serfiq_batch.calls
+    faces["iqa_calls"] = state.iqa_batch.calls
+    faces["iqa_skipped"] = state.scheduler.skipped
+    return {
+        "version": __version__,
+        "source": info.source,
+        "video": {"width": width, "height": height, "rotation": rotation, "fps": round(info.fps, 3),
+                  "codec": info.codec, "declared_frames": info.frames, "declared_duration": info.duration},
+        "frames": frames,
+        "tracks": a.tracker.tracks_started,
+        "tracks_written": state.writer.tracks,
+        "faces_kept": state.writer.rows,
+        "faces": faces,
+        "shot_cuts": a.tracker.shot_cuts,
+        "shot_cut_frames": list(a.cut_frames),
+        "detection_stride": a.stride,
+        "seconds": seconds,
+        "fps": round(frames / wall, 2) if wall > 0 else None,
+        "truncated": state.decoder.stats.truncated,
+        "live": state.health() if isinstance(state.decoder, LiveDecoder) else None,
+        "interrupted": interrupted,
+        "device": state.models.device,
+        "engines": state.models.engines,
+        "iqa": state.iqa.name if state.iqa else None,
+        "ranker": state.method,
+        "models": state.models.files,
+        "config": state.cfg.to_dict(),
+    }
 
 
 class StatusReporter:
@@ -562,7 +480,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
             failed = failed or e
         if decoder.stats.truncated:
             log.warning("%s: %s; kept what decoded", name, decoder.stats.truncated)
-        summary = state.summary(time.perf_counter() - t0, interrupted or signals.stopping)
+        summary = run_summary(state, time.perf_counter() - t0, interrupted or signals.stopping)
         summary["seconds"]["load_models"] = round(load_seconds, 3)
         summary["out_dir"] = str(out)
         reason = failed or (error if not isinstance(error, (KeyboardInterrupt, type(None))) else None)
@@ -572,7 +490,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
             summary["faces_kept"] = len(rows)
             summary["identities"] = len({r["identity_id"] for r in rows})
         if summary["faces_kept"] == 0 and reason is None and not interrupted:
-            log.warning("%s", state.nothing_kept())
+            log.warning("%s", state.analyser.nothing_kept())
         try:
             writer.write_summary(summary)
         except OutputError as e:

@@ -44,7 +44,15 @@ CAP = 0.3
 TAUS = (0.5, 1.0, 2.0)
 SERFIQ_FLOORS = (0.1,)   # SER-FIQ's least weight, chosen with tau (0.2 was worse for every tau); IQA's is IQA_FLOOR
 IQA_FLOOR = 0.1
-VERSION = "2"
+VERSION = "3"   # 3: fitted on the default front end (SCRFD keypoints and their ellipse mask)
+
+
+def front_end() -> dict:
+    """The detector and landmark source the fit's faces came through: signals depend on both."""
+    from cafi_stream.config import load_config
+
+    detect = load_config(overrides=eval_real.base_config()).detect
+    return {"detector": detect.model, "landmarks": detect.landmarks}
 
 
 def collect(work: Path) -> list[dict]:
@@ -173,6 +181,7 @@ def main(argv=None) -> int:
            "thresholds": {n: [round(float(a), 4), round(float(b), 4)] for n, (a, b) in zip(NAMES, m.thresholds)
                           if np.isfinite(a)},
            "fitted_on": {"clips": [c.name for c in eval_real.clips("fit")], "seeds": list(SEEDS),
+                         "front_end": front_end(),
                          "tracks": len(tracks), "faces": int(sum(len(t["x"]) for t in tracks))},
            "leave_one_person_out_auc": cv}
     for name, use in (("with_iqa", every), ("without_iqa", np.array([n != "iqa" for n in NAMES]))):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ._native import native_stderr_silenced
 from .config import DetectConfig
-from .errors import InputError
+from .errors import InputError, ModelError
 from .models import ModelSpec, resolve_named, sha256_of
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,8 @@ def create_detector(cfg: DetectConfig, models_dir: Path, device: str = "cpu", ba
                     ) -> tuple[Detector, DetectorSpec, Path | None]:
     """The detector `cfg.model` names (a registry name, or the path of a registered model's file)."""
     models = {name: spec.model for name, spec in DETECTORS.items() if spec.model is not None}
+    if cfg.model not in DETECTORS and not Path(cfg.model).expanduser().is_file():
+        raise ModelError(f"face detector '{cfg.model}' is neither a file nor a known detector ({', '.join(DETECTORS)})")
     if cfg.model in DETECTORS and DETECTORS[cfg.model].model is None:
         spec, path = DETECTORS[cfg.model], None
     else:

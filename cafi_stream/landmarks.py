@@ -4,6 +4,7 @@ detector's own 5 keypoints (an ellipse through forehead, cheeks and chin) where 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -73,10 +74,8 @@ class FaceMesher:
         self._oval = _oval_order()
 
     @staticmethod
-    def model_file():
+    def model_file() -> Path:
         import mediapipe
-
-        from pathlib import Path
 
         return Path(mediapipe.__file__).parent / "modules" / "face_landmark" / "face_landmark.tflite"
 

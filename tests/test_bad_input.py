@@ -80,6 +80,8 @@ def test_truncated_but_decodable_keeps_what_decodes(fmt, ext, options, tmp_path)
     (("--iqa", "lpips"), ["lpips", "full-reference"]),
     (("--iqa", "no_such_metric"), ["no_such_metric"]),
     (("--fr-model", "/nonexistent/model.onnx"), ["/nonexistent/model.onnx"]),
+    (("--detector", "no_such_detector"), ["no_such_detector", "scrfd_2.5g", "mediapipe"]),
+    (("--detector", str(FR_MODEL)), ["none of the known", "face detector"]),   # an ONNX file, but no detector
     (("--topk", "many"), ["--topk"]),
 ])
 def test_bad_options_exit_2(args, words, tmp_path):

@@ -39,7 +39,7 @@ class FaceAnalysis:
         self.files: dict[str, tuple[str, Path]] = {}
         if path is not None:
             self.files["face_detector"] = (self.spec.name, path)
-        if self.mesher is not None and self.mesher.model_file() is not None:
+        if self.mesher is not None:
             self.files["face_mesh"] = ("mediapipe face_mesh", self.mesher.model_file())
 
     @classmethod

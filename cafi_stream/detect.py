@@ -11,7 +11,6 @@ Detectors are entries of a registry (`DETECTORS`), each with its licence and wha
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,6 @@ from ._native import native_stderr_silenced
 from .config import DetectConfig
 from .errors import InputError, ModelError
 from .models import ModelSpec, resolve_named, sha256_of
-
-log = logging.getLogger(__name__)
 
 _NO_POINTS = np.zeros((0, 5, 2), np.float32)
 
@@ -97,11 +94,16 @@ class DetectorSpec:
     model: ModelSpec | None = None   # the ONNX file, for detectors that have one
 
 
-def _input_size(h: int, w: int, size: int) -> tuple[int, int]:
-    """Network input (height, width): the longer side scaled down to `size` (never up: SCRFD misses faces that fill
-    an enlarged frame), the other keeping the aspect, both rounded up to multiples of 32."""
+def _letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """The network input and its scale: the frame's longer side scaled down to `size` (never up: SCRFD misses faces
+    that fill an enlarged frame), pasted at the top left of a black canvas whose sides are multiples of 32."""
+    h, w = image.shape[:2]
     s = min(1.0, size / max(h, w))
-    return (max(32, math.ceil(h * s / 32) * 32), max(32, math.ceil(w * s / 32) * 32))
+    ih, iw = max(32, math.ceil(h * s / 32) * 32), max(32, math.ceil(w * s / 32) * 32)
+    small = cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
+    canvas = np.zeros((ih, iw, 3), np.uint8)
+    canvas[:small.shape[0], :small.shape[1]] = small
+    return canvas, s
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.4) -> np.ndarray:
@@ -154,24 +156,21 @@ class ScrfdDetector:
     def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path, device: str, backend: str):
         from .backend import ModelSource, create_engine, engines_dir
 
-        self.name, self.box_scale = spec.name, spec.box_scale
-        self.threshold, self.size = cfg.min_confidence, cfg.size
-        source = ModelSource(name=spec.name, onnx_path=dynamic_onnx(path, sha256_of(path), engines_dir()),
-                             sha256=sha256_of(path), input_shape=(3, cfg.size, cfg.size), dynamic_hw=True)
+        self.name, self.box_scale, self.size = spec.name, spec.box_scale, cfg.size
+        p = min(max(cfg.min_confidence, 1e-6), 1 - 1e-6)
+        self.min_logit = math.log(p / (1 - p))   # the model gives logits: compare before the sigmoid
+        digest = sha256_of(path)
+        source = ModelSource(name=spec.name, onnx_path=dynamic_onnx(path, digest, engines_dir()), sha256=digest,
+                             input_shape=(3, cfg.size, cfg.size), dynamic_hw=True)
         self.engine = create_engine(source, backend, device, max_batch=cfg.batch)
         self.backend = f"{self.engine.backend}/{self.engine.device}"
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if not len(images):
             return []
-        h, w = images[0].shape[:2]
-        ih, iw = _input_size(h, w, self.size)
-        scale = min(ih / h, iw / w)
-        size = (round(w * scale), round(h * scale))
-        batch = np.zeros((len(images), ih, iw, 3), np.float32)
-        for i, image in enumerate(images):
-            batch[i, :size[1], :size[0]] = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        x = ((batch - 127.5) / 128.0).transpose(0, 3, 1, 2)
+        canvases, scales = zip(*(_letterbox(image, self.size) for image in images))
+        scale = scales[0]   # frames of one source share a size
+        x = ((np.stack(canvases).astype(np.float32) - 127.5) / 128.0).transpose(0, 3, 1, 2)
         outs = self.engine.run(x)
         n = len(self.STRIDES)
         per_image: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in images]
@@ -180,7 +179,7 @@ class ScrfdDetector:
             anchors, gh, gw = logits.shape[1:]
             ys, xs = np.mgrid[:gh, :gw]
             for i in range(len(images)):
-                a, r, c = np.nonzero(logits[i] > math.log(self.threshold / (1 - self.threshold)))
+                a, r, c = np.nonzero(logits[i] > self.min_logit)
                 if not len(a):
                     continue
                 centre = np.stack([xs[r, c], ys[r, c]], axis=1).astype(np.float32) * stride
@@ -211,21 +210,16 @@ class YunetDetector:
     def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path, device: str, backend: str):
         self.name, self.box_scale, self.size = spec.name, spec.box_scale, cfg.size
         self._model = cv2.FaceDetectorYN.create(str(path), "", (cfg.size, cfg.size), cfg.min_confidence, 0.3, 5000)
-        self._input: tuple[int, int] | None = None
+        self._input: tuple[int, ...] | None = None
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         results = []
         for image in images:
-            h, w = image.shape[:2]
-            ih, iw = _input_size(h, w, self.size)
-            scale = min(ih / h, iw / w)
-            if self._input != (ih, iw):
-                self._model.setInputSize((iw, ih))
-                self._input = (ih, iw)
-            small = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_LINEAR)
-            canvas = np.zeros((ih, iw, 3), np.uint8)
-            canvas[:small.shape[0], :small.shape[1]] = small[:, :, ::-1]   # YuNet reads BGR
-            _, faces = self._model.detect(canvas)
+            canvas, scale = _letterbox(image, self.size)
+            if self._input != canvas.shape:
+                self._model.setInputSize((canvas.shape[1], canvas.shape[0]))
+                self._input = canvas.shape
+            _, faces = self._model.detect(np.ascontiguousarray(canvas[:, :, ::-1]))   # YuNet reads BGR
             if faces is None or not len(faces):
                 results.append(Detections())
                 continue
@@ -292,12 +286,12 @@ DETECTORS: dict[str, DetectorSpec] = {
         model=ModelSpec(
             name="scrfd_2.5g", file_name="scrfd_2.5g_bnkps_640.onnx",
             urls=("https://bj.bcebos.com/paddlehub/fastdeploy/scrfd_2.5g_bnkps_shape640x640.onnx",),
-            sha256="22fa39a6cbb01b35876c4d4bd46a9e85991f7a9190e3c8f39a4546420bb9f81a", licence=_INSIGHTFACE)),
+            sha256="22fa39a6cbb01b35876c4d4bd46a9e85991f7a9190e3c8f39a4546420bb9f81a")),
     "yunet": DetectorSpec(
         name="yunet", licence="MIT (OpenCV Zoo)", keypoints=True, box_scale=1.09, factory=YunetDetector,
         model=ModelSpec(
             name="yunet", file_name="face_detection_yunet_2026may.onnx",
-            sha256="ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0", licence="MIT (OpenCV Zoo)")),
+            sha256="ebafce4e3c118d6554634be5c27ab333b4c047a9a8c3faf1d7cf93101c22f0f0")),
     "mediapipe": DetectorSpec(
         # Its box runs from the brows to the mouth; 1.25 widens it to the whole face.
         name="mediapipe", licence="Apache-2.0 (mediapipe)", keypoints=False, box_scale=1.25,

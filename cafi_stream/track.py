@@ -96,13 +96,12 @@ class FaceTracker:
         # ByteTrack counts updates (one per detection pass); our gap is in seconds.
         self.lost_updates = max(1, math.ceil(cfg.max_gap * fps / period))
         self.cuts = ShotCutDetector(cfg.shot_cut) if cfg.shot_cut > 0 else None
-        self._tracker = None
         self._ids: dict[int, int] = {}     # ByteTrack id (per tracker instance) -> our id
         self._next_id = 1
         self.frames_seen: dict[int, int] = {}   # detections per live track
         self.last_seen: dict[int, float] = {}   # last detection time per open track
         self.shot_cuts = 0
-        self._new_tracker()   # supervision's first import costs ~0.5 s: pay it at start-up
+        self._tracker = self._new_tracker()   # made now: supervision's first import costs ~0.5 s
 
     def _new_tracker(self):
         with warnings.catch_warnings():
@@ -132,11 +131,11 @@ class FaceTracker:
             xyxy=detections.xyxy.astype(np.float32), confidence=detections.confidence.astype(np.float32),
             data={"index": np.arange(len(detections))}))
         ids = np.full(len(detections), -1, np.int64)
-        for index, external in zip(found.data.get("index", []), found.tracker_id):
+        for index, external in zip(found.data.get("index", []), found.tracker_id.tolist()):
             if external not in self._ids:
-                self._ids[int(external)] = self._next_id
+                self._ids[external] = self._next_id
                 self._next_id += 1
-            tid = self._ids[int(external)]
+            tid = self._ids[external]
             ids[index] = tid
             self.frames_seen[tid] = self.frames_seen.get(tid, 0) + 1
             self.last_seen[tid] = pts

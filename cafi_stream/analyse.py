@@ -21,7 +21,7 @@ from .align import crop_face
 from .cascade import yaw_ratio
 from .config import Config, DetectConfig
 from .decode import VideoFrame
-from .detect import Detections, create_detector, detection_stride
+from .detect import Detections, create_detector, detection_stride, input_scale
 from .errors import InputError
 from .landmarks import FaceLandmarks, FaceMesher, keypoint_landmarks
 from .measures import measure
@@ -30,8 +30,14 @@ from .track import FaceTracker
 
 
 class FaceAnalysis:
-    def __init__(self, cfg: DetectConfig, models_dir: Path, device: str = "cpu", backend: str = "auto"):
+    """A detector and where the landmarks come from. With `min_face` (source pixels), frames are read at the
+    scale that finds faces of that size (`detect.face_px`), not smaller ones."""
+
+    def __init__(self, cfg: DetectConfig, models_dir: Path, device: str = "cpu", backend: str = "auto",
+                 min_face: int = 0):
         self.detector, self.spec, path = create_detector(cfg, models_dir, device, backend)
+        self.min_size = cfg.min_size
+        self.face_scale = cfg.face_px / min_face if min_face > 0 and cfg.face_px > 0 else math.inf
         use_mesh = cfg.landmarks == "mesh" or (cfg.landmarks == "auto" and not self.spec.keypoints)
         if cfg.landmarks == "keypoints" and not self.spec.keypoints:
             raise InputError(f"detect.landmarks = keypoints: the {self.spec.name} detector gives no keypoints")
@@ -54,11 +60,17 @@ class FaceAnalysis:
     def name(self) -> str:
         return self.spec.name + ("+mesh" if self.mesher is not None else "")
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        return self.detector.detect(images)
+    def detect(self, frames: Sequence[VideoFrame | np.ndarray]) -> list[Detections]:
+        """Faces in decoded frames or RGB images (all of one size), each scaled to the detector's size on its own
+        (a decoded frame without converting it whole)."""
+        frames = [f if isinstance(f, VideoFrame) else VideoFrame(0, 0.0, f) for f in frames]
+        if not frames:
+            return []
+        scale = input_scale(*frames[0].size, self.detector.size, self.min_size, self.face_scale)
+        return self.detector.detect([f.scaled(scale) for f in frames], scale)
 
-    def __call__(self, image: np.ndarray) -> Detections:
-        return self.detector.detect([image])[0]
+    def __call__(self, frame: VideoFrame | np.ndarray) -> Detections:
+        return self.detect([frame])[0]
 
     def landmarks(self, image: np.ndarray, dets: Detections, i: int) -> FaceLandmarks | None:
         """The 5 points and outline of face `i`, or None when the mesh finds no face there."""
@@ -115,14 +127,14 @@ class Analyser:
         self.counts["frames"] += 1
         ended: list[EndedTrack] = []
         with self.timer("track"):
-            cut = self.tracker.check_cut(frame.image)
+            cut = self.tracker.check_cut(frame)
         if cut:
             self.cut_frames.append(frame.index)
             ended += self._ended(self.tracker.finish(), frame.pts_time)
         if frame.index % self.stride:
             return Analysed(tuple(ended))
         with self.timer("detect"):
-            dets = self.faces(frame.image)
+            dets = self.faces(frame)
         self.detect_passes += 1
         self.counts["faces_detected"] += len(dets)
         if len(dets):

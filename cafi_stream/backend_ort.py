@@ -21,6 +21,7 @@ class OrtEngine:
         opts.inter_op_num_threads = 1
         opts.enable_cpu_mem_arena = True
         opts.enable_mem_pattern = True
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         if device == "cuda":
             available = ort.get_available_providers()

@@ -38,6 +38,8 @@ class DetectConfig:
     min_confidence: float
     rate: float
     size: int
+    min_size: int
+    face_px: int
     batch: int
     landmarks: str
 

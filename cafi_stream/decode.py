@@ -8,10 +8,12 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import av
 import av.logging
+import cv2
 import numpy as np
 
 from .errors import InputError
@@ -40,11 +42,65 @@ class _FFmpegErrors(logging.Handler):
             self.first = f"{record.name.removeprefix('libav.')}: {record.getMessage().strip()}"
 
 
-@dataclass(frozen=True)
+_I420 = ("yuv420p",)   # limited-range 4:2:0, what OpenCV's I420 conversion assumes; other formats take swscale's RGB
+
+
+@dataclass(frozen=True, eq=False)
 class VideoFrame:
-    index: int          # decode order, from 0
-    pts_time: float     # presentation time in seconds
-    image: np.ndarray   # HxWx3 uint8 RGB
+    """One decoded frame. Its pixels become RGB only when a stage asks, at the size it asks for: most frames are
+    only tracked through, and converting a whole 1080p frame costs about half as much as decoding it."""
+
+    index: int                        # decode order, from 0
+    pts_time: float                   # presentation time in seconds
+    raw: av.VideoFrame | np.ndarray   # as decoded, or an HxWx3 uint8 RGB array already upright
+    quarter: int = 0                  # counter-clockwise quarter turns that make `raw` upright
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) upright."""
+        w, h = (self.raw.width, self.raw.height) if isinstance(self.raw, av.VideoFrame) else self.raw.shape[1::-1]
+        return (h, w) if self.quarter % 2 else (w, h)
+
+    @cached_property
+    def image(self) -> np.ndarray:
+        """HxWx3 uint8 RGB, upright."""
+        if not isinstance(self.raw, av.VideoFrame):
+            return self.raw
+        return self._upright(self.raw.to_ndarray(format="rgb24"))
+
+    def scaled(self, scale: float) -> np.ndarray:
+        """RGB, upright, `scale` times the frame's size (bilinear; `scale` <= 1)."""
+        if scale >= 1:
+            return self.image
+        w, h = self.size
+        return self._resized((max(1, round(w * scale)), max(1, round(h * scale))), cv2.INTER_LINEAR)
+
+    @cached_property
+    def thumbnail(self) -> np.ndarray:
+        """The frame at 64x36 RGB (area-averaged), what the shot-cut rules read. Frames of 576 lines and more are
+        sampled every n-th pixel first: area-averaging a whole 1080p frame costs more than the rules."""
+        return self._resized((64, 36), cv2.INTER_AREA, step=max(1, self.size[1] // 288))
+
+    def _upright(self, image: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.rot90(image, self.quarter)) if self.quarter else image
+
+    def _resized(self, size: tuple[int, int], interpolation: int, step: int = 1) -> np.ndarray:
+        """RGB at `size` (width, height, upright). A 4:2:0 frame is resized plane by plane and converted at the
+        small size, so the whole frame is never converted."""
+        w, h = size if not self.quarter % 2 else size[::-1]   # in stored orientation
+        frame = self.raw
+        if (isinstance(frame, av.VideoFrame) and frame.format.name in _I420 and "image" not in self.__dict__
+                and frame.width % 2 == 0 and frame.height % 2 == 0):
+            ew, eh = w + w % 2, h + h % 2   # I420 needs even sides; the extra line is cut off below
+            planes = []
+            for i, (pw, ph) in enumerate(((ew, eh), (ew // 2, eh // 2), (ew // 2, eh // 2))):
+                plane = frame.planes[i]
+                pix = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:plane.height, :plane.width]
+                planes.append(cv2.resize(pix[::step, ::step], (pw, ph), interpolation=interpolation).ravel())
+            rgb = cv2.cvtColor(np.concatenate(planes).reshape(eh * 3 // 2, ew), cv2.COLOR_YUV2RGB_I420)[:h, :w]
+            return self._upright(rgb)
+        image = self.image
+        return cv2.resize(image[::step, ::step], size, interpolation=interpolation)
 
 
 @dataclass(frozen=True)
@@ -108,14 +164,10 @@ def _explain_unreadable(path: Path) -> str:
     return f"{path}: not a readable video file"
 
 
-def upright(frame: av.VideoFrame, tag_rotation: int = 0) -> tuple[np.ndarray, int]:
-    """The frame as HxWx3 RGB in its display orientation, and the counter-clockwise degrees it was turned by.
-    Phones store portrait video sideways with a display matrix (or, in older files, a `rotate` tag)."""
-    image = frame.to_ndarray(format="rgb24")
-    quarter = round((frame.rotation or tag_rotation) / 90) % 4
-    if quarter:
-        image = np.ascontiguousarray(np.rot90(image, quarter))
-    return image, quarter * 90
+def quarter_turns(frame: av.VideoFrame, tag_rotation: int = 0) -> int:
+    """Counter-clockwise quarter turns that show `frame` upright. Phones store portrait video sideways with a
+    display matrix (or, in older files, a `rotate` tag)."""
+    return round((frame.rotation or tag_rotation) / 90) % 4
 
 
 def rotate_tag(stream) -> int:
@@ -200,13 +252,14 @@ class Decoder:
         tag = rotate_tag(self.stream)
         try:
             for frame in self.container.decode(self.stream):
-                image, self.stats.rotation = upright(frame, tag)
+                quarter = quarter_turns(frame, tag)
+                self.stats.rotation = quarter * 90
                 pts = frame.time
                 if pts is None:   # no usable timestamp: derive one from the frame rate
                     pts = (last_time + 1.0 / self.info.fps) if last_time is not None else 0.0
                 last_time = pts
                 self.stats.seconds += time.perf_counter() - t0
-                yield VideoFrame(index=index, pts_time=float(pts), image=image)
+                yield VideoFrame(index, float(pts), frame, quarter)
                 t0 = time.perf_counter()
                 index += 1
                 if self._stop.is_set():

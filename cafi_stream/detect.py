@@ -74,10 +74,12 @@ def detection_stride(fps: float, rate: float) -> int:
 
 class Detector(Protocol):
     name: str
-    backend: str   # where it runs: "ort/cpu", "tensorrt/cuda", "opencv/cpu", ...
+    backend: str       # where it runs: "ort/cpu", "tensorrt/cuda", "opencv/cpu", ...
+    size: int | None   # the longer side it reads frames at (never scaled up); None: the whole frame
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """RGB frames (all of one size) -> one `Detections` per frame."""
+    def detect(self, images: Sequence[np.ndarray], scale: float = 1.0) -> list[Detections]:
+        """RGB frames (all of one size), each `scale` times its source's size -> one `Detections` per frame, in
+        source pixels."""
 
     def close(self) -> None: ...
 
@@ -94,16 +96,22 @@ class DetectorSpec:
     model: ModelSpec | None = None   # the ONNX file, for detectors that have one
 
 
-def _letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """The network input and its scale: the frame's longer side scaled down to `size` (never up: SCRFD misses faces
-    that fill an enlarged frame), pasted at the top left of a black canvas whose sides are multiples of 32."""
+def input_scale(width: int, height: int, size: int | None, min_size: int = 0, face_scale: float = math.inf) -> float:
+    """The scale a detector reads a frame at: `face_scale` (what makes the least face worth scoring just large
+    enough to find), its longer side kept between `min_size` and `size`, and never up (SCRFD misses faces that fill
+    an enlarged frame). `size` None: the whole frame."""
+    if size is None:
+        return 1.0
+    longer = max(width, height)
+    return min(1.0, size / longer, max(min_size / longer, face_scale))
+
+
+def _padded(image: np.ndarray) -> np.ndarray:
+    """The network input: the frame at the top left of a black canvas whose sides are multiples of 32."""
     h, w = image.shape[:2]
-    s = min(1.0, size / max(h, w))
-    ih, iw = max(32, math.ceil(h * s / 32) * 32), max(32, math.ceil(w * s / 32) * 32)
-    small = cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
-    canvas = np.zeros((ih, iw, 3), np.uint8)
-    canvas[:small.shape[0], :small.shape[1]] = small
-    return canvas, s
+    canvas = np.zeros((max(32, math.ceil(h / 32) * 32), max(32, math.ceil(w / 32) * 32), 3), np.uint8)
+    canvas[:h, :w] = image
+    return canvas
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.4) -> np.ndarray:
@@ -165,12 +173,10 @@ class ScrfdDetector:
         self.engine = create_engine(source, backend, device, max_batch=cfg.batch)
         self.backend = f"{self.engine.backend}/{self.engine.device}"
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def detect(self, images: Sequence[np.ndarray], scale: float = 1.0) -> list[Detections]:
         if not len(images):
             return []
-        canvases, scales = zip(*(_letterbox(image, self.size) for image in images))
-        scale = scales[0]   # frames of one source share a size
-        x = ((np.stack(canvases).astype(np.float32) - 127.5) / 128.0).transpose(0, 3, 1, 2)
+        x = ((np.stack([_padded(image) for image in images]).astype(np.float32) - 127.5) / 128.0).transpose(0, 3, 1, 2)
         outs = self.engine.run(x)
         n = len(self.STRIDES)
         per_image: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in images]
@@ -212,10 +218,10 @@ class YunetDetector:
         self._model = cv2.FaceDetectorYN.create(str(path), "", (cfg.size, cfg.size), cfg.min_confidence, 0.3, 5000)
         self._input: tuple[int, ...] | None = None
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def detect(self, images: Sequence[np.ndarray], scale: float = 1.0) -> list[Detections]:
         results = []
         for image in images:
-            canvas, scale = _letterbox(image, self.size)
+            canvas = _padded(image)
             if self._input != canvas.shape:
                 self._model.setInputSize((canvas.shape[1], canvas.shape[0]))
                 self._input = canvas.shape
@@ -237,6 +243,7 @@ class MediapipeDetector:
     """mediapipe's full-range detector (the short-range one misses ~100 px faces in 720p)."""
 
     backend = "mediapipe/cpu"
+    size = None   # it scales frames itself
 
     def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path | None, device: str, backend: str):
         self.name, self.box_scale = spec.name, spec.box_scale
@@ -251,11 +258,11 @@ class MediapipeDetector:
             raise InputError("--detector mediapipe needs the mediapipe extra: pip install 'cafi-stream[mediapipe]'"
                              ) from e
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        return [self._one(image) for image in images]
+    def detect(self, images: Sequence[np.ndarray], scale: float = 1.0) -> list[Detections]:
+        return [self._one(image, scale) for image in images]
 
-    def _one(self, image: np.ndarray) -> Detections:
-        h, w = image.shape[:2]
+    def _one(self, image: np.ndarray, scale: float) -> Detections:
+        h, w = image.shape[0] / scale, image.shape[1] / scale
         result = self._model.process(image)
         if not result.detections:
             return Detections()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import av
 
-from .decode import DecodeStats, EndOfFrames, VideoFrame, open_video, rotate_tag, upright
+from .decode import DecodeStats, EndOfFrames, VideoFrame, open_video, quarter_turns, rotate_tag
 from .errors import InputError, StreamError
 from .sources import is_url, redact
 
@@ -215,9 +215,10 @@ class LiveDecoder:
                 last_t, last_pts = t, pts
                 self._failures = 0
                 self._last_frame = time.monotonic()
-                image, self.stats.rotation = upright(frame, tag)
+                quarter = quarter_turns(frame, tag)
+                self.stats.rotation = quarter * 90
                 self.stats.frames += 1
-                vf = VideoFrame(index=self.stats.frames - 1, pts_time=float(pts), image=image)
+                vf = VideoFrame(self.stats.frames - 1, float(pts), frame, quarter)
                 self._hand_over(self._emit, gen, vf)
         except (av.error.FFmpegError, OSError) as e:
             if not self._stop.is_set() and gen == self._gen:

@@ -82,7 +82,7 @@ class Models:
                         backend=cfg.runtime.backend)
         iqa = create_iqa(cfg.iqa.name, device, models_dir, cfg.iqa.dbcnn_dataset, cfg.iqa.batch,
                          backend=cfg.runtime.backend, random_weights=random_dbcnn, size=cfg.faces.iqa_size)
-        faces = FaceAnalysis(cfg.detect, models_dir, device, cfg.runtime.backend)
+        faces = FaceAnalysis(cfg.detect, models_dir, device, cfg.runtime.backend, cfg.faces.min_face)
         files = {"face_recognition": (fr_spec.name, fr_path), **faces.files}
         if iqa is not None and iqa.weights is not None:
             files["iqa"] = (iqa.name, iqa.weights)

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from .config import TrackConfig
+from .decode import VideoFrame
 from .detect import Detections
 
 
@@ -22,13 +23,6 @@ from .detect import Detections
 class TrackUpdate:
     track_ids: np.ndarray                            # (N,) track id per detection, -1 when unmatched
     ended: list[int] = field(default_factory=list)   # tracks that ended at this update
-
-
-def thumbnail(image: np.ndarray) -> np.ndarray:
-    """The frame at 64x36 (area-averaged), what both cut rules read. Frames of 576 lines and more are first
-    sampled every n-th pixel: area-averaging a whole 1080p frame costs more than the rest of the rule."""
-    step = max(1, image.shape[0] // 288)
-    return cv2.resize(image[::step, ::step], (64, 36), interpolation=cv2.INTER_AREA)
 
 
 class ShotCutDetector:
@@ -55,9 +49,10 @@ class ShotCutDetector:
         self._prev = None
         self._colour = HistogramCutDetector(self.HIST_CHANGE)
 
-    def changed(self, image: np.ndarray) -> float | None:
-        """The share of blocks whose structure changed since the previous frame (None for the first frame)."""
-        small = cv2.cvtColor(thumbnail(image), cv2.COLOR_RGB2GRAY)
+    def changed(self, thumb: np.ndarray) -> float | None:
+        """The share of blocks whose structure changed since the previous frame (None for the first frame).
+        `thumb` is the frame at 64x36 RGB (`VideoFrame.thumbnail`)."""
+        small = cv2.cvtColor(thumb, cv2.COLOR_RGB2GRAY)
         z = cv2.GaussianBlur(small.astype(np.float32), (0, 0), 1.5)
         z -= z.mean()
         z /= max(float(np.sqrt((z * z).mean())), 2.0)   # a flat frame (a fade to black) stays near 0
@@ -67,9 +62,9 @@ class ShotCutDetector:
         blocks = np.abs(z - prev).reshape(4, 9, 8, 8).mean(axis=(1, 3))
         return float((blocks > self.BLOCK_CHANGE).mean())
 
-    def __call__(self, image: np.ndarray) -> bool:
-        share = self.changed(image)
-        colour = self._colour(image)   # every frame, to keep its previous histogram current
+    def __call__(self, thumb: np.ndarray) -> bool:
+        share = self.changed(thumb)
+        colour = self._colour(thumb)   # every frame, to keep its previous histogram current
         return share is not None and share > self.threshold and colour
 
 
@@ -81,8 +76,8 @@ class HistogramCutDetector:
         self.threshold = threshold
         self._prev = None
 
-    def __call__(self, image: np.ndarray) -> bool:
-        hsv = cv2.cvtColor(thumbnail(image), cv2.COLOR_RGB2HSV)
+    def __call__(self, thumb: np.ndarray) -> bool:
+        hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
         hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
         cv2.normalize(hist, hist, 1.0, 0.0, cv2.NORM_L1)
         cut = self._prev is not None and cv2.compareHist(self._prev, hist, cv2.HISTCMP_BHATTACHARYYA) > self.threshold
@@ -113,9 +108,9 @@ class FaceTracker:
                                 minimum_matching_threshold=1.0 - self.cfg.iou_threshold, frame_rate=30,
                                 minimum_consecutive_frames=1)
 
-    def check_cut(self, image: np.ndarray) -> bool:
-        """Whether `image` starts a new shot; the caller then ends every track with `finish`."""
-        cut = self.cuts is not None and self.cuts(image)
+    def check_cut(self, frame: VideoFrame) -> bool:
+        """Whether `frame` starts a new shot; the caller then ends every track with `finish`."""
+        cut = self.cuts is not None and self.cuts(frame.thumbnail)
         self.shot_cuts += cut
         return cut
 

@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cafi_stream import degrade  # noqa: E402
 from cafi_stream.config import load_config  # noqa: E402
+from cafi_stream.decode import VideoFrame  # noqa: E402
 from cafi_stream.track import HistogramCutDetector, ShotCutDetector  # noqa: E402
 
 SHARED = Path(os.environ.get("CAFI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -84,7 +85,7 @@ def evaluate(detector, clips: list[Path], seconds: float, size: int) -> dict:
     false = missed = cuts = frames = 0
     duration = 0.0
     for img, is_cut, lasts in sequence(clips, seconds, size):
-        found = detector(img)
+        found = detector(VideoFrame(0, 0.0, img).thumbnail)
         frames += 1
         duration += lasts
         cuts += is_cut

@@ -10,6 +10,7 @@ import numpy as np
 from conftest import ROOT, VIDEO
 from cafi_stream.config import load_config
 from cafi_stream.detect import Detections
+from cafi_stream.decode import VideoFrame
 from cafi_stream.track import FaceTracker, ShotCutDetector
 
 
@@ -37,7 +38,7 @@ def test_short_occlusion_keeps_id_long_gap_ends_track():
 def test_shot_cuts_in_the_real_clip():
     det = ShotCutDetector(load_config().track.shot_cut)
     with av.open(str(VIDEO)) as c:
-        cuts = [i for i, f in enumerate(c.decode(video=0)) if det(f.to_ndarray(format="rgb24"))]
+        cuts = [i for i, f in enumerate(c.decode(video=0)) if det(VideoFrame(i, 0.0, f).thumbnail)]
     # Its three hard cuts (stage -> audience close-up -> stage -> audience, checked by eye); between them a head
     # moves fast through the foreground and the performer gestures, which are not cuts.
     assert cuts == [20, 82, 211]

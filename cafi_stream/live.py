@@ -44,26 +44,16 @@ class LiveStats(DecodeStats):
     last_error: str | None = None
 
 
-class LiveDecoder:
-    """The `Decoder` interface (`info`, `stats`, `frames()`, `stop()`) for sources that never end by themselves."""
+class Connector:
+    """Opens a live source: `av.open` under a watchdog of our own, retried with exponential backoff and jitter;
+    counts failures and reconnects in `stats`."""
 
-    def __init__(self, source: str, queue_size: int = 8, threads: int = 0, options: LiveOptions | None = None):
+    def __init__(self, source: str, threads: int, opts: LiveOptions, stats: LiveStats, stop: threading.Event):
         self.source = source          # for connecting only
         self.name = redact(source)    # for every message
-        self.opts = options or LiveOptions()
-        self.queue_size = queue_size
-        self.threads = threads
-        self.stats = LiveStats()
-        self._stop = threading.Event()
-        self._gen = 0                 # connection generation: frames of an abandoned connection are ignored
-        self._t0 = time.monotonic()
-        self._failures = 0
-        self._queue: asyncio.Queue | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_frame = time.monotonic()
-        self._container, self.info = self._connect(first=True)
+        self.threads, self.opts, self.stats, self.stop = threads, opts, stats, stop
+        self.failures = 0             # failed attempts in a row; a decoded frame resets it
 
-    # -- connection
     def _ffmpeg_options(self) -> dict:
         us = str(int(self.opts.read_timeout * 1e6))
         if self.source.startswith(("rtsp://", "rtsps://")):
@@ -72,7 +62,7 @@ class LiveDecoder:
             return {"rw_timeout": us, "reconnect": "1"}
         return {}
 
-    def _open_once(self):
+    def open_once(self):
         """av.open under a watchdog: a helper thread opens; past the deadline it is abandoned."""
         result: dict = {}
 
@@ -96,27 +86,27 @@ class LiveDecoder:
         container, stream, info = result["ok"]
         return container, info
 
-    def _connect(self, first: bool = False):
+    def connect(self, first: bool = False):
         """Open, retrying with backoff; raise StreamError when the cap is reached. Files under --loop fail fast."""
-        while not self._stop.is_set():
-            if self._failures:
-                if 0 <= self.opts.reconnect_max < self._failures:
-                    raise StreamError(f"{self.name}: unreachable after {self._failures} attempt(s) "
+        while not self.stop.is_set():
+            if self.failures:
+                if 0 <= self.opts.reconnect_max < self.failures:
+                    raise StreamError(f"{self.name}: unreachable after {self.failures} attempt(s) "
                                       f"({self.stats.last_error}); giving up (--reconnect-max "
                                       f"{self.opts.reconnect_max})")
-                delay = min(self.opts.backoff_max, self.opts.backoff_initial * 2 ** (self._failures - 1))
-                self._stop.wait(delay * random.uniform(0.5, 1.0))
-                if self._stop.is_set():
+                delay = min(self.opts.backoff_max, self.opts.backoff_initial * 2 ** (self.failures - 1))
+                self.stop.wait(delay * random.uniform(0.5, 1.0))
+                if self.stop.is_set():
                     break
             try:
-                container, info = self._open_once()
+                container, info = self.open_once()
             except InputError as e:
                 if not is_url(self.source) and not self.source.startswith("/dev/"):
                     raise   # a bad file stays bad: no point retrying
-                self._failed(str(e).split(": ", 1)[-1])
+                self.failed(str(e).split(": ", 1)[-1])
                 continue
             except (TimeoutError, OSError, av.error.FFmpegError) as e:
-                self._failed(redact(str(e)))
+                self.failed(redact(str(e)))
                 continue
             if not first:
                 self.stats.reconnects += 1
@@ -125,33 +115,74 @@ class LiveDecoder:
             return container, info
         raise StreamError(f"{self.name}: stopped before a connection was made")
 
-    def _failed(self, why: str) -> None:
+    def failed(self, why: str) -> None:
         """Count a failed or lost connection. A lost connection is reported once per outage; failures to make
         the first one only when retries are unlimited (with a cap, the final error says it all)."""
-        self._failures += 1
+        self.failures += 1
         was_connected, self.stats.connected = self.stats.connected, False
-        if was_connected or (self.opts.reconnect_max < 0 and self._failures in (1, 10)):
+        if was_connected or (self.opts.reconnect_max < 0 and self.failures in (1, 10)):
             log.warning("%s: %s; reconnecting", self.name, why)
         else:
-            log.debug("%s: %s (attempt %d)", self.name, why, self._failures)
+            log.debug("%s: %s (attempt %d)", self.name, why, self.failures)
         self.stats.last_error = why
+
+
+class LiveClock:
+    """Presentation times of one connection. A stream's own times are followed while they increase, and the wall
+    clock replaces them when they are missing, go back or drift; a `--loop` file keeps its own times, shifted by
+    `loop_offset`, and is paced to the wall clock (the returned delay)."""
+
+    def __init__(self, fps: float, start: float, loop_offset: float | None):
+        self.fps, self.start, self.loop_offset = fps, start, loop_offset
+        self.first = self.wall_base = self.last = None
+
+    def __call__(self, t: float | None, now: float) -> tuple[float, float]:
+        """(pts, seconds to wait before handing the frame on) for a frame of stream time `t` arriving at `now`."""
+        delay = 0.0
+        if self.loop_offset is not None:
+            t = t if t is not None else (self.last or 0.0) + 1.0 / self.fps
+            pts = t + self.loop_offset
+            if self.first is None:
+                self.first, self.wall_base = pts, now
+            delay = self.wall_base + (pts - self.first) - now
+        else:
+            wall = now - self.start
+            usable = t is not None and self.first is not None and self.last is not None and t > self.last
+            pts = self.wall_base + (t - self.first) if usable else wall
+            if not usable or abs(pts - wall) > 5.0:
+                self.first, self.wall_base, pts = t, wall, wall
+        self.last = t
+        return pts, delay
+
+
+class LiveDecoder:
+    """The `Decoder` interface (`info`, `stats`, `frames()`, `stop()`) for sources that never end by themselves."""
+
+    def __init__(self, source: str, queue_size: int = 8, threads: int = 0, options: LiveOptions | None = None):
+        self.opts = options or LiveOptions()
+        self.queue_size = queue_size
+        self.stats = LiveStats()
+        self._stop = threading.Event()
+        self._gen = 0                 # connection generation: frames of an abandoned connection are ignored
+        self._t0 = time.monotonic()
+        self._queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_frame = time.monotonic()
+        self.connector = Connector(source, threads, self.opts, self.stats, self._stop)
+        self._container, self.info = self.connector.connect(first=True)
 
     # -- decoding thread
     def _emit(self, gen: int, frame: VideoFrame) -> None:
         """Runs in the event loop: drop the oldest frame rather than block the stream."""
-        if gen != self._gen:
-            return
-        if self._queue.full():
-            self._queue.get_nowait()
-            self.stats.dropped += 1
-        self._queue.put_nowait(frame)
+        if gen == self._gen:
+            self._put(frame)
 
     def _pump(self, gen: int, container) -> None:
         loop_offset = 0.0
         try:
             while not self._stop.is_set() and gen == self._gen:
                 if container is None:
-                    container, _ = self._connect()
+                    container, _ = self.connector.connect()
                 if gen != self._gen:
                     break
                 end_pts = self._decode(gen, container, loop_offset)
@@ -159,10 +190,10 @@ class LiveDecoder:
                 container = None
                 if self.opts.loop and end_pts is not None and not self._stop.is_set():
                     loop_offset = end_pts + 1.0 / self.info.fps   # keep time running across loops
-                    container, _ = self._open_once()
+                    container, _ = self.connector.open_once()
                     continue
                 if not self.opts.loop and not self._stop.is_set():
-                    self._failed("the stream ended")
+                    self.connector.failed("the stream ended")
         except BaseException as e:
             if gen == self._gen:
                 self._hand_over(self._queue.put_nowait, EndOfFrames(e))
@@ -171,7 +202,7 @@ class LiveDecoder:
             if container is not None:
                 container.close()
         if gen == self._gen:
-            self._hand_over(self._put_end)
+            self._hand_over(self._put, EndOfFrames())
 
     def _hand_over(self, fn, *args) -> None:
         """Run `fn` in the event loop; once the consumer has stopped (--max-frames, a signal) there is none."""
@@ -180,40 +211,27 @@ class LiveDecoder:
         except RuntimeError:   # the loop is closed
             pass
 
-    def _put_end(self) -> None:
+    def _put(self, item) -> None:
         if self._queue.full():
             self._queue.get_nowait()
             self.stats.dropped += 1
-        self._queue.put_nowait(EndOfFrames())
+        self._queue.put_nowait(item)
 
     def _decode(self, gen: int, container, loop_offset: float) -> float | None:
         """Decode one connection until it ends or fails; returns the last stream time (for --loop)."""
         stream = container.streams.video[0]
         tag = rotate_tag(stream)
-        first_t = wall_base = last_t = None
+        clock = LiveClock(self.info.fps, self._t0, loop_offset if self.opts.loop else None)
         last_pts = None
         try:
             for frame in container.decode(stream):
                 if self._stop.is_set() or gen != self._gen:
                     return last_pts
-                now = time.monotonic()
-                t = frame.time
-                if self.opts.loop:   # a file as a live source: its own clock, paced to the wall clock
-                    t = (t if t is not None else (last_t or 0.0) + 1.0 / self.info.fps)
-                    pts = t + loop_offset
-                    if first_t is None:
-                        first_t, wall_base = pts, now
-                    delay = wall_base + (pts - first_t) - now
-                    if delay > 0 and self._stop.wait(delay):
-                        return last_pts
-                else:
-                    wall = now - self._t0
-                    usable = t is not None and first_t is not None and last_t is not None and t > last_t
-                    pts = wall_base + (t - first_t) if usable else wall
-                    if not usable or abs(pts - wall) > 5.0:   # missing, backwards or drifting: the wall clock
-                        first_t, wall_base, pts = t, wall, wall
-                last_t, last_pts = t, pts
-                self._failures = 0
+                pts, delay = clock(frame.time, time.monotonic())
+                if delay > 0 and self._stop.wait(delay):
+                    return last_pts
+                last_pts = pts
+                self.connector.failures = 0
                 self._last_frame = time.monotonic()
                 quarter = quarter_turns(frame, tag)
                 self.stats.rotation = quarter * 90
@@ -222,7 +240,7 @@ class LiveDecoder:
                 self._hand_over(self._emit, gen, vf)
         except (av.error.FFmpegError, OSError) as e:
             if not self._stop.is_set() and gen == self._gen:
-                self._failed(f"connection lost ({redact(getattr(e, 'strerror', None) or str(e))})")
+                self.connector.failed(f"connection lost ({redact(getattr(e, 'strerror', None) or str(e))})")
             return None
         return last_pts
 
@@ -252,7 +270,7 @@ class LiveDecoder:
                     if self._stop.is_set():
                         return
                     if time.monotonic() - self._last_frame > stall:
-                        self._failed(f"no frame for {stall:g} s")
+                        self.connector.failed(f"no frame for {stall:g} s")
                         self._start(None)
                     continue
                 if isinstance(item, EndOfFrames):

@@ -120,6 +120,12 @@ def iresnet50_onnx(path: Path) -> Path:
     return path
 
 
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
 def run_once(video: str, cfg, out: Path, random_dbcnn: bool) -> tuple[dict, list[dict]]:
     from cafi_stream.pipeline import Models, run
 
@@ -137,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--random-dbcnn", action="store_true")
     p.add_argument("--random-r50", action="store_true", help="the default recognition model's topology, random weights")
     p.add_argument("--compare-exhaustive", action="store_true")
+    p.add_argument("--compact", action="store_true", help="the JSON object on one line")
     args, rest = p.parse_known_args(argv)
     run_args = build_parser().parse_args([args.video, *rest])
     cfg = load_config(run_args.config, config_overrides(run_args))
@@ -169,6 +176,10 @@ def main(argv=None) -> int:
             "exhaustive": cfg.cascade.exhaustive,
             "backend": summary["engines"],
             "device": summary["device"],
+            "gpu": gpu_name() if summary["device"] == "cuda" else None,
+            # at most: faces per SER-FIQ and IQA call (micro-batched over frames), frames per detector call
+            "batch": {"serfiq": min(cfg.serfiq.batch, cfg.runtime.max_batch), "iqa": cfg.runtime.max_batch,
+                      "detector": 1},
             "random_dbcnn": args.random_dbcnn,
             "random_r50": args.random_r50,
             "detector": summary["engines"]["face_detector"],
@@ -181,7 +192,7 @@ def main(argv=None) -> int:
             report["exhaustive_e2e_fps"] = ref_summary["fps"]
             report["iqa_call_reduction"] = round(ref_summary["faces"]["iqa_calls"] / max(1, report["iqa_calls"]), 2)
             report["topk_overlap"] = topk_overlap(ref_rows, rows, cfg.output.min_gap)
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=None if args.compact else 2))
     return 0
 
 

@@ -60,13 +60,15 @@ class FaceAnalysis:
     def name(self) -> str:
         return self.spec.name + ("+mesh" if self.mesher is not None else "")
 
-    def detect(self, frames: Sequence[VideoFrame | np.ndarray]) -> list[Detections]:
+    def detect(self, frames: Sequence[VideoFrame | np.ndarray], fine: bool = False) -> list[Detections]:
         """Faces in decoded frames or RGB images (all of one size), each scaled to the detector's size on its own
-        (a decoded frame without converting it whole)."""
+        (a decoded frame without converting it whole). `fine` reads them at the detector's largest size, whatever
+        `min_face`: for photos, whose keypoints matter more than the time."""
         frames = [f if isinstance(f, VideoFrame) else VideoFrame(0, 0.0, f) for f in frames]
         if not frames:
             return []
-        scale = input_scale(*frames[0].size, self.detector.size, self.min_size, self.face_scale)
+        face_scale = math.inf if fine else self.face_scale
+        scale = input_scale(*frames[0].size, self.detector.size, self.min_size, face_scale)
         return self.detector.detect([f.scaled(scale) for f in frames], scale)
 
     def __call__(self, frame: VideoFrame | np.ndarray) -> Detections:
@@ -80,7 +82,7 @@ class FaceAnalysis:
 
     def largest(self, image: np.ndarray) -> tuple[Detections, FaceLandmarks | None]:
         """The largest face of a photo and its landmarks (an empty `Detections` when there is none)."""
-        dets = self(image)
+        dets = self.detect([image], fine=True)[0]
         if not len(dets):
             return dets, None
         i = int(np.argmax(dets.side))

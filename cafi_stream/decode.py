@@ -1,15 +1,19 @@
-"""Stage 1: decode a video with PyAV (threaded) into a bounded asyncio queue, in decode order with timestamps."""
+"""Stage 1: decode a video with PyAV (threaded) in its own thread, handing frames in decode order with timestamps
+through a bounded `FrameQueue` to a plain iterator. Files block the decoder when the consumer falls behind; live
+sources (live.py) drop the oldest frame instead."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
+import queue
 import struct
 import threading
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import av
 import av.logging
@@ -121,6 +125,7 @@ class DecodeStats:
     seconds: float = 0.0
     truncated: str | None = None   # why decoding stopped early, if it did
     rotation: int = 0              # counter-clockwise degrees the last frame was turned to display upright
+    dropped: int = 0               # frames a live source dropped because the consumer fell behind
 
 
 class EndOfFrames:
@@ -133,6 +138,39 @@ class EndOfFrames:
         """Re-raise the decoder's error, if it had one, in the consumer."""
         if self.error is not None:
             raise self.error
+
+
+class FrameQueue:
+    """The hand-over between a decoding thread and the consumer, bounded by `size`. When it is full, `put` waits
+    (files: nothing is lost), or with `drop_oldest` drops the oldest waiting frame and counts it in
+    `stats.dropped` (live sources: latency stays bounded)."""
+
+    def __init__(self, size: int, stats: DecodeStats, drop_oldest: bool = False):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self.stats, self.drop_oldest = stats, drop_oldest
+
+    def put(self, item, stop: threading.Event) -> None:
+        """Hand `item` over; a waiting `put` gives up once `stop` is set, except for the end marker, which always
+        gets in (in place of the oldest frame if it must)."""
+        final = isinstance(item, EndOfFrames)
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1 if not (self.drop_oldest or final) else 0)
+                return
+            except queue.Full:
+                if self.drop_oldest or final:
+                    with contextlib.suppress(queue.Empty):
+                        self._queue.get_nowait()
+                        self.stats.dropped += self.drop_oldest
+                elif stop.is_set():
+                    return
+
+    def get(self, timeout: float | None = None):
+        """The next frame or end marker; queue.Empty after `timeout` seconds without one."""
+        return self._queue.get(timeout=timeout)
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
 
 
 def _mp4_top_level_boxes(path: Path, limit: int = 64) -> list[str]:
@@ -277,39 +315,33 @@ class Decoder:
             if last_time < end - max(1.0, 0.05 * info.duration):
                 self.stats.truncated = f"the video ends at {last_time:.1f} s of the {end:.1f} s it declares"
 
-    def _pump(self, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
+    def _pump(self, frames: FrameQueue) -> None:
         end = EndOfFrames()
         try:
             for frame in self._frames():
                 self.stats.frames += 1
-                asyncio.run_coroutine_threadsafe(queue.put(frame), loop).result()
-        except BaseException as e:   # handed to the consumer, which re-raises it in the event loop
+                frames.put(frame, self._stop)
+                if self._stop.is_set():
+                    break
+        except BaseException as e:   # handed to the consumer, which re-raises it
             end = EndOfFrames(e)
         finally:
             self.container.close()
-            asyncio.run_coroutine_threadsafe(queue.put(end), loop).result()
+            frames.put(end, self._stop)
 
-    async def frames(self):
-        """Async iterator over decoded frames. Decoding runs ahead by at most `queue_size` frames."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=self.queue_size)
-        thread = threading.Thread(target=self._pump, args=(queue, loop), name="cafi-decode", daemon=True)
+    def frames(self) -> Iterator[VideoFrame]:
+        """Decoded frames, in order. Decoding runs ahead by at most `queue_size` frames; closing the iterator stops
+        it. A decoding error is raised here, after the frames before it."""
+        frames = FrameQueue(self.queue_size, self.stats)
+        thread = threading.Thread(target=self._pump, args=(frames,), name="cafi-decode", daemon=True)
         thread.start()
         try:
             while True:
-                item = await queue.get()
+                item = frames.get()
                 if isinstance(item, EndOfFrames):
                     item.finish()
                     return
                 yield item
         finally:
             self.stop()
-            while thread.is_alive():   # drain so the decoder thread can finish
-                try:
-                    item = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    await asyncio.sleep(0.01)
-                    continue
-                if isinstance(item, EndOfFrames):
-                    break
             thread.join(timeout=5)

@@ -9,16 +9,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import queue
 import random
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import av
 
-from .decode import DecodeStats, EndOfFrames, VideoFrame, open_video, quarter_turns, rotate_tag
+from .decode import DecodeStats, EndOfFrames, FrameQueue, VideoFrame, open_video, quarter_turns, rotate_tag
 from .errors import InputError, StreamError
 from .sources import is_url, redact
 
@@ -38,7 +39,6 @@ class LiveOptions:
 
 @dataclass
 class LiveStats(DecodeStats):
-    dropped: int = 0
     reconnects: int = 0
     connected: bool = False
     last_error: str | None = None
@@ -160,23 +160,16 @@ class LiveDecoder:
 
     def __init__(self, source: str, queue_size: int = 8, threads: int = 0, options: LiveOptions | None = None):
         self.opts = options or LiveOptions()
-        self.queue_size = queue_size
         self.stats = LiveStats()
         self._stop = threading.Event()
         self._gen = 0                 # connection generation: frames of an abandoned connection are ignored
         self._t0 = time.monotonic()
-        self._queue: asyncio.Queue | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue = FrameQueue(queue_size, self.stats, drop_oldest=True)
         self._last_frame = time.monotonic()
         self.connector = Connector(source, threads, self.opts, self.stats, self._stop)
         self._container, self.info = self.connector.connect(first=True)
 
     # -- decoding thread
-    def _emit(self, gen: int, frame: VideoFrame) -> None:
-        """Runs in the event loop: drop the oldest frame rather than block the stream."""
-        if gen == self._gen:
-            self._put(frame)
-
     def _pump(self, gen: int, container) -> None:
         loop_offset = 0.0
         try:
@@ -196,26 +189,13 @@ class LiveDecoder:
                     self.connector.failed("the stream ended")
         except BaseException as e:
             if gen == self._gen:
-                self._hand_over(self._queue.put_nowait, EndOfFrames(e))
+                self._queue.put(EndOfFrames(e), self._stop)
             return
         finally:
             if container is not None:
                 container.close()
         if gen == self._gen:
-            self._hand_over(self._put, EndOfFrames())
-
-    def _hand_over(self, fn, *args) -> None:
-        """Run `fn` in the event loop; once the consumer has stopped (--max-frames, a signal) there is none."""
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:   # the loop is closed
-            pass
-
-    def _put(self, item) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-            self.stats.dropped += 1
-        self._queue.put_nowait(item)
+            self._queue.put(EndOfFrames(), self._stop)
 
     def _decode(self, gen: int, container, loop_offset: float) -> float | None:
         """Decode one connection until it ends or fails; returns the last stream time (for --loop)."""
@@ -237,7 +217,8 @@ class LiveDecoder:
                 self.stats.rotation = quarter * 90
                 self.stats.frames += 1
                 vf = VideoFrame(self.stats.frames - 1, float(pts), frame, quarter)
-                self._hand_over(self._emit, gen, vf)
+                if gen == self._gen:   # frames of an abandoned connection are dropped
+                    self._queue.put(vf, self._stop)
         except (av.error.FFmpegError, OSError) as e:
             if not self._stop.is_set() and gen == self._gen:
                 self.connector.failed(f"connection lost ({redact(getattr(e, 'strerror', None) or str(e))})")
@@ -254,9 +235,7 @@ class LiveDecoder:
     def stop(self) -> None:
         self._stop.set()
 
-    async def frames(self):
-        self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(maxsize=self.queue_size)
+    def frames(self) -> Iterator[VideoFrame]:
         self._start(self._container)
         self._container = None
         # A connection can stall inside FFmpeg past every timeout: after twice the read deadline without a frame
@@ -265,8 +244,8 @@ class LiveDecoder:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                    item = self._queue.get(timeout=1.0)
+                except queue.Empty:
                     if self._stop.is_set():
                         return
                     if time.monotonic() - self._last_frame > stall:
@@ -282,4 +261,4 @@ class LiveDecoder:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return self._queue.qsize()

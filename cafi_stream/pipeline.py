@@ -5,7 +5,6 @@ decode -> detect -> track -> landmarks/align -> SER-FIQ -> IQA -> per-track top-
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -16,9 +15,9 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -36,7 +35,7 @@ from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .models import default_models_dir, resolve_fr_model, sha256_of
 from .outdir import METADATA, OutputDir, atomic_write, check_output_file, writing
-from .select import Selector, ScoredFace, SerfiqRule
+from .select import Selector, ScoredFace, SerfiqRule, TrackResult
 from .serfiq import SerFiq
 from .sources import is_live, redact, source_stem
 from .writer import OutputWriter, ScoresLog
@@ -120,12 +119,10 @@ class _Run:
     pending for it, then is written.
     """
 
-    def __init__(self, cfg: Config, models: Models, decoder: Decoder, writer: OutputWriter,
-                 scores_out: Path | None = None):
+    def __init__(self, cfg: Config, models: Models, decoder: Decoder, scores_out: Path | None = None):
         self.cfg = cfg
         self.models = models
         self.decoder = decoder
-        self.writer = writer
         self.timer = Stopwatch()
         self.analyser = Analyser(cfg, models.faces, decoder.info.fps, self.timer)
         min_score = cfg.serfiq.min_score
@@ -211,8 +208,9 @@ class _Run:
             if self.scores is not None:
                 self.scores.update(face)
 
-    def _end_tracks(self, tracks) -> None:
-        """Drain what is pending for each ended track, then write it (if it was a real face's track)."""
+    def _end_tracks(self, tracks) -> list[TrackResult]:
+        """Drain what is pending for each ended track; the result of each real face's track."""
+        results = []
         for track in tracks:
             tid = track.track_id
             self._pump(flush=True, ending=tid)
@@ -224,51 +222,49 @@ class _Run:
                 self.scores.close_track(tid, kept, threshold, score)
             self.opened.pop(tid, None)
             if track.real:
-                with self.timer("write"):
-                    self.writer.write_track(tid, kept, track.span)
+                results.append(TrackResult(tid, track.span, tuple(kept)))
+        return results
 
-    def handle(self, frame: VideoFrame) -> None:
+    def handle(self, frame: VideoFrame) -> list[TrackResult]:
         self.now = frame.pts_time
         analysed = self.analyser(frame)
-        self._end_tracks(analysed.ended)
+        results = self._end_tracks(analysed.ended)
         for face in analysed.faces:
             self.opened.setdefault(face.track_id, face.pts_time)
             self.serfiq_batch.add(face)
         self._pump()
         if not frame.index % self.analyser.stride:   # snapshots on detection frames
-            self._snapshot(frame.pts_time)
+            results += self._snapshot(frame.pts_time)
+        return results
 
-    def _snapshot(self, now: float) -> None:
-        """Tracks that never end (someone standing in view) get their best-so-far written every interval."""
+    def _snapshot(self, now: float) -> list[TrackResult]:
+        """Tracks that never end (someone standing in view) give their best-so-far every interval."""
         interval = self.cfg.live.snapshot_interval
         if interval <= 0 or now - self.last_snapshot < interval:
-            return
+            return []
         self.last_snapshot = now
-        for tid, since in self.opened.items():
-            if now - since >= interval:
-                with self.timer("write"):
-                    self.writer.write_snapshot(tid, self.selector.peek(tid),
-                                               self.analyser.span.get(tid, (since, now)))
+        return [TrackResult(tid, self.analyser.span.get(tid, (since, now)), tuple(self.selector.peek(tid)), False)
+                for tid, since in self.opened.items() if now - since >= interval]
 
     def health(self) -> dict:
         """Figures for the status line and --stats-json."""
         stats = self.decoder.stats
-        return {"frames_in": stats.frames, "processed": self.analyser.counts["frames"],
-                "dropped": getattr(stats, "dropped", 0), "queue": getattr(self.decoder, "queue_depth", 0),
-                "open_tracks": len(self.selector.open_tracks), "reconnects": getattr(stats, "reconnects", 0),
-                "connected": getattr(stats, "connected", True), "faces_kept": self.writer.rows,
-                "tracks_written": self.writer.tracks}
+        return {"frames_in": stats.frames, "processed": self.analyser.counts["frames"], "dropped": stats.dropped,
+                "queue": getattr(self.decoder, "queue_depth", 0), "open_tracks": len(self.selector.open_tracks),
+                "reconnects": getattr(stats, "reconnects", 0), "connected": getattr(stats, "connected", True)}
 
-    def finish(self) -> None:
-        self._end_tracks(self.analyser.finish(self.now))
-        # Pools of tracks the analyser no longer holds: closed, not written (not real faces' tracks).
-        self._end_tracks(EndedTrack(tid, (self.now, self.now), False) for tid in self.selector.open_tracks)
+    def finish(self) -> list[TrackResult]:
+        """The results of every open track (end of input)."""
+        results = self._end_tracks(self.analyser.finish(self.now))
+        # Pools of tracks the analyser no longer holds: closed, no result (not real faces' tracks).
+        self._end_tracks([EndedTrack(tid, (self.now, self.now), False) for tid in self.selector.open_tracks])
         if self.scores is not None:
             with writing(self.scores.path):
                 self.scores.close()
+        return results
 
 
-def run_summary(state: _Run, wall: float, interrupted: bool) -> dict:
+def run_summary(state: _Run, writer: OutputWriter, wall: float, interrupted: bool) -> dict:
     """summary.json's figures of a finished run."""
     info = state.decoder.info
     rotation = state.decoder.stats.rotation
@@ -289,8 +285,8 @@ def run_summary(state: _Run, wall: float, interrupted: bool) -> dict:
                   "codec": info.codec, "declared_frames": info.frames, "declared_duration": info.duration},
         "frames": frames,
         "tracks": a.tracker.tracks_started,
-        "tracks_written": state.writer.tracks,
-        "faces_kept": state.writer.rows,
+        "tracks_written": writer.tracks,
+        "faces_kept": writer.rows,
         "faces": faces,
         "shot_cuts": a.tracker.shot_cuts,
         "shot_cut_frames": list(a.cut_frames),
@@ -298,7 +294,7 @@ def run_summary(state: _Run, wall: float, interrupted: bool) -> dict:
         "seconds": seconds,
         "fps": round(frames / wall, 2) if wall > 0 else None,
         "truncated": state.decoder.stats.truncated,
-        "live": state.health() if isinstance(state.decoder, LiveDecoder) else None,
+        "live": {**state.health(), **writer.counts} if isinstance(state.decoder, LiveDecoder) else None,
         "interrupted": interrupted,
         "device": state.models.device,
         "engines": state.models.engines,
@@ -310,15 +306,18 @@ def run_summary(state: _Run, wall: float, interrupted: bool) -> dict:
 
 
 class StatusReporter:
-    """Every `interval` seconds: rates since the last report, passed to `emit` and kept in `stats_json`."""
+    """Every `interval` seconds, in its own thread: `health()` with the rates since the last report, passed to
+    `emit` and kept in `stats_json`."""
 
-    def __init__(self, state: "_Run", interval: float, emit=None, stats_json: Path | None = None):
-        self.state, self.interval, self.emit, self.stats_json = state, interval, emit, stats_json
+    def __init__(self, health, interval: float, emit=None, stats_json: Path | None = None):
+        self.health, self.interval, self.emit, self.stats_json = health, interval, emit, stats_json
         self._last = (time.monotonic(), 0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cafi-status", daemon=True)
 
     def report(self) -> dict:
         now = time.monotonic()
-        h = self.state.health()
+        h = self.health()
         t, frames_in, processed = self._last
         dt = max(1e-6, now - t)
         h["input_fps"] = round((h["frames_in"] - frames_in) / dt, 2)
@@ -331,21 +330,32 @@ class StatusReporter:
             self.emit(h)
         return h
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.report()
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.report()
+            except OutputError as e:   # the run itself reports failed writes; the status line goes on
+                log.warning("%s", e)
+
+    def __enter__(self) -> "StatusReporter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class _Signals:
     """First SIGINT/SIGTERM: stop intake, score what is queued, write every open track. Second SIGINT: exit now
-    (every file already written is complete: all writes are atomic)."""
+    (every file already written is complete: all writes are atomic). Installed in the main thread only."""
 
     def __init__(self, decoder):
         self.decoder = decoder
         self.stopping = False
+        self._previous: dict[int, object] = {}
 
-    def __call__(self, signum: int) -> None:
+    def __call__(self, signum: int, _frame=None) -> None:
         if self.stopping and signum == signal.SIGINT:
             os._exit(130)
         if not self.stopping:
@@ -354,34 +364,28 @@ class _Signals:
         self.stopping = True
         self.decoder.stop()
 
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self)
+        return self
 
-async def _consume(decoder, handle, on_frame, signals: _Signals, reporter: StatusReporter | None,
-                   max_frames: int = 0) -> None:
-    """Hand every frame to `handle` in one scoring thread, until the source ends, a signal stops it, or
-    `max_frames` frames (0: no limit) were handled, files and live sources alike."""
-    loop = asyncio.get_running_loop()
-    installed = []
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, signals, sig)
-            installed.append(sig)
-    task = asyncio.create_task(reporter.run()) if reporter is not None else None
-    try:
-        # One scoring thread: the event loop stays free while mediapipe, ONNX Runtime and torch work.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cafi-score") as pool:
-            handled = 0
-            async with contextlib.aclosing(decoder.frames()) as frames:
-                async for frame in frames:
-                    await loop.run_in_executor(pool, handle, frame)
-                    on_frame(frame)
-                    handled += 1
-                    if handled == max_frames:
-                        break
-    finally:
-        if task is not None:
-            task.cancel()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def frame_results(state: _Run, frames: Iterator[VideoFrame], max_frames: int = 0, on_frame=None
+                  ) -> Iterator[TrackResult]:
+    """The results the frames give, until the frames end or `max_frames` (0: no limit) were handled; the open
+    tracks' results are `state.finish()`'s, so that a consumer can take them after an error too."""
+    with contextlib.closing(frames):
+        for handled, frame in enumerate(frames, 1):
+            yield from state.handle(frame)
+            if on_frame is not None:
+                on_frame(frame)
+            if handled == max_frames:
+                return
 
 
 def open_source(source: str, cfg: Config):
@@ -393,6 +397,24 @@ def open_source(source: str, cfg: Config):
                            backoff_max=lv.backoff_max, loop=lv.loop)
         return LiveDecoder(source, lv.queue_size, cfg.decode.threads, opts)
     return Decoder(source, cfg.decode.queue_size, cfg.decode.threads)
+
+
+def process(source: str, cfg: Config, models: Models | None = None, random_dbcnn: bool = False
+            ) -> Iterator[TrackResult]:
+    """The pipeline as a lazy iterator: each track's kept faces (`TrackResult`) as soon as the track ends, and on
+    live sources snapshots of open tracks; then, when the input ends, every open track's. Nothing is written:
+    `run()` is the consumer that writes them. Bad input raises InputError before any model loads."""
+    decoder = open_source(source, cfg)
+    own_models = models is None
+    if own_models:
+        models = Models.load(cfg, random_dbcnn=random_dbcnn)
+    try:
+        state = _Run(cfg, models, decoder)
+        yield from frame_results(state, decoder.frames(), cfg.decode.max_frames)
+        yield from state.finish()
+    finally:
+        if own_models:
+            models.close()
 
 
 def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Models | None = None,
@@ -436,14 +458,14 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
     name = decoder.info.source   # credentials redacted
     iqa_name = models.iqa.name if models.iqa is not None and cfg.rank.method == "cafi" else None
     writer = OutputWriter(out, name, iqa_name, cfg.output.jpeg_quality)
-    state = _Run(cfg, models, decoder, writer, Path(scores_out) if scores_out is not None else None)
+    state = _Run(cfg, models, decoder, Path(scores_out) if scores_out is not None else None)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     live = isinstance(decoder, LiveDecoder)
     reporter = None
     if live or stats_json is not None:
-        reporter = StatusReporter(state, cfg.live.status_interval, on_status if live else None,
-                                  Path(stats_json) if stats_json is not None else None)
+        reporter = StatusReporter(lambda: {**state.health(), **writer.counts}, cfg.live.status_interval,
+                                  on_status if live else None, Path(stats_json) if stats_json is not None else None)
     bar = None
     if progress and not live:
         from tqdm import tqdm
@@ -456,8 +478,11 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
     interrupted = False
     error: BaseException | None = None
     try:
-        asyncio.run(_consume(decoder, state.handle, (lambda f: bar.update(1)) if bar else (lambda f: None),
-                             signals, reporter, cfg.decode.max_frames))
+        with signals, reporter if reporter is not None else contextlib.nullcontext():
+            for result in frame_results(state, decoder.frames(), cfg.decode.max_frames,
+                                        (lambda f: bar.update(1)) if bar else None):
+                with state.timer("write"):
+                    writer.deliver(result)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -472,7 +497,8 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
         rows = None
         try:
             if failed is None:
-                state.finish()
+                for result in state.finish():
+                    writer.deliver(result)
             writer.close()
             if failed is None and finalize:
                 rows = finalize_output(out, read_rows(out.root / METADATA), cfg, exports, title=name, prune=True)
@@ -480,7 +506,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
             failed = failed or e
         if decoder.stats.truncated:
             log.warning("%s: %s; kept what decoded", name, decoder.stats.truncated)
-        summary = run_summary(state, time.perf_counter() - t0, interrupted or signals.stopping)
+        summary = run_summary(state, writer, time.perf_counter() - t0, interrupted or signals.stopping)
         summary["seconds"]["load_models"] = round(load_seconds, 3)
         summary["out_dir"] = str(out)
         reason = failed or (error if not isinstance(error, (KeyboardInterrupt, type(None))) else None)

@@ -70,10 +70,21 @@ def pick_diverse(ranked: list, topk: int, fits: Callable[[object, list], bool],
     return sorted(kept, key=lambda x: order[id(x)])
 
 
-@dataclass
+@dataclass(frozen=True)
 class KeptFace:
     face: ScoredFace
     rank: int   # 1..k
+
+
+@dataclass(frozen=True)
+class TrackResult:
+    """What the pipeline gives for one track: its kept faces, best first. `final` when the track (or the input)
+    ended; otherwise a snapshot of a track still open on a live source, which a later result replaces."""
+
+    track_id: int
+    span: tuple[float, float]   # first and last time it was detected
+    faces: tuple[KeptFace, ...]
+    final: bool = True
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import OutputError
 from .outdir import (IMAGE_DIRS, LIVE_DIR, METADATA, SUMMARY, OutputDir, atomic_write, image_name, snapshot_name,
                      writing)
-from .select import KeptFace
+from .select import KeptFace, TrackResult
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,17 @@ class OutputWriter:
                 track_start=round(span[0], 4), track_end=round(span[1], 4), embedding=_round(f.embedding, 6))
             rows.append(row)
         return rows
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"faces_kept": self.rows, "tracks_written": self.tracks}
+
+    def deliver(self, result: TrackResult) -> None:
+        """An ended track's faces into metadata.jsonl, or an open one's snapshot into live/."""
+        if result.final:
+            self.write_track(result.track_id, list(result.faces), result.span)
+        else:
+            self.write_snapshot(result.track_id, list(result.faces), result.span)
 
     def write_track(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> None:
         """Images first, then the track's rows in one append, so no row ever names a missing file. `span` is the

@@ -337,8 +337,9 @@ def readme_table(result: dict) -> str:
                   f"top-{TOPK}, min gap {MIN_GAP} s, IQA: PIQE, detector "
                   f"{result['detect']['model']}, landmarks {result['detect']['landmarks']}). Columns after the clean shares: within-person AUC "
                   "per degradation kind.",
-              f"Shot cuts: {c['true_cuts']} true, {c['missed']} missed, {c['false']} false "
-              f"({c['false_per_minute']} per minute).",
+              (f"Shot cuts: {c['true_cuts']} true, {c['missed']} missed, {c['false']} false "
+               f"({c['false_per_minute']} per minute)." if c is not None else "Shot cuts: not measured (no exhaustive "
+                                                                               "`cafi` run)."),
               f"Utility ({u['video']}, {u['photos']} Obama photos, top-{u['topk']}): mean genuine cosine of the "
               f"faces cafi keeps {u['cafi']['mean_genuine_cosine']}, random choice "
               f"{u['random']['mean_genuine_cosine']}, every scored face {u['every scored face']['mean_genuine_cosine']}."]

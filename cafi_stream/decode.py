@@ -150,15 +150,14 @@ class FrameQueue:
         self.stats, self.drop_oldest = stats, drop_oldest
 
     def put(self, item, stop: threading.Event) -> None:
-        """Hand `item` over; a waiting `put` gives up once `stop` is set, except for the end marker, which always
-        gets in (in place of the oldest frame if it must)."""
-        final = isinstance(item, EndOfFrames)
+        """Hand `item` over. Once `stop` is set (the consumer is gone) a waiting frame is given up, and the end
+        marker takes the oldest frame's place."""
         while True:
             try:
-                self._queue.put(item, timeout=0.1 if not (self.drop_oldest or final) else 0)
+                self._queue.put(item, timeout=0 if self.drop_oldest else 0.1)
                 return
             except queue.Full:
-                if self.drop_oldest or final:
+                if self.drop_oldest or (stop.is_set() and isinstance(item, EndOfFrames)):
                     with contextlib.suppress(queue.Empty):
                         self._queue.get_nowait()
                         self.stats.dropped += self.drop_oldest

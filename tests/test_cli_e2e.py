@@ -4,6 +4,7 @@ import json
 
 import cv2
 import numpy as np
+import pytest
 
 from conftest import FR_MODEL, VIDEO, read_rows, run_cli
 
@@ -55,3 +56,28 @@ def test_serfiq_is_repeatable(hamilton_run, tmp_path):
     a = {(r["track_id"], r["frame_index"]): r["serfiq"] for r in read_rows(first)}
     b = {(r["track_id"], r["frame_index"]): r["serfiq"] for r in read_rows(tmp_path)}
     assert a == b
+
+
+def test_process_yields_the_tracks_the_acceptance_run_writes(hamilton_run):
+    """The library's iterator: the same config as the acceptance command gives, track by track, the faces that
+    `run()` (its consumer) wrote, as frozen records, nothing written."""
+    import dataclasses
+
+    from cafi_stream.config import load_config
+    from cafi_stream.pipeline import process
+
+    proc, out = hamilton_run
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(overrides={"output": {"topk": 3}, "iqa": {"name": "none"}, "fr": {"model": str(FR_MODEL)}})
+    results = list(process(str(VIDEO), cfg))
+    assert results and all(r.final for r in results)   # a file: no snapshots
+    assert len({r.track_id for r in results}) == len(results)
+    assert any(r.faces for r in results)
+    for r in (r for r in results if r.faces):   # a real track may keep nothing (every face under the SER-FIQ rule)
+        assert [k.rank for k in r.faces] == list(range(1, len(r.faces) + 1)) and len(r.faces) <= 3
+        times = [k.face.pts_time for k in r.faces]
+        assert r.span[0] <= min(times) and max(times) <= r.span[1]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            r.faces[0].face.serfiq = 0.0
+    written = {(row["track_id"], row["frame_index"]) for row in read_rows(out)}
+    assert {(r.track_id, k.face.frame_index) for r in results for k in r.faces} == written

@@ -5,7 +5,15 @@ from .errors import CafiError, InputError, ModelError
 
 __version__ = "0.1.0"
 
-__all__ = ["CafiError", "Config", "InputError", "ModelError", "load_config", "run", "run_batch"]
+__all__ = ["CafiError", "Config", "InputError", "ModelError", "load_config", "process", "run", "run_batch"]
+
+
+def process(source, config=None, **kwargs):
+    """Each track's kept faces as a lazy iterator of frozen `TrackResult`s, nothing written; see
+    `cafi_stream.pipeline.process`."""
+    from .pipeline import process as _process
+
+    return _process(source, config if config is not None else load_config(), **kwargs)
 
 
 def run(source, config=None, out_dir=None, **kwargs):

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from .align import crop_face
-from .cascade import yaw_ratio
+from .cascade import in_profile, yaw_ratio
 from .config import Config, DetectConfig
 from .decode import VideoFrame
 from .detect import Detections, create_detector, detection_stride, input_scale
@@ -36,7 +37,7 @@ class FaceAnalysis:
     def __init__(self, cfg: DetectConfig, models_dir: Path, device: str = "cpu", backend: str = "auto",
                  min_face: int = 0):
         self.detector, self.spec, path = create_detector(cfg, models_dir, device, backend)
-        self.min_size = cfg.min_size
+        self.min_size, self.refine_px = cfg.min_size, cfg.refine_px
         self.face_scale = cfg.face_px / min_face if min_face > 0 and cfg.face_px > 0 else math.inf
         use_mesh = cfg.landmarks == "mesh" or (cfg.landmarks == "auto" and not self.spec.keypoints)
         if cfg.landmarks == "keypoints" and not self.spec.keypoints:
@@ -67,18 +68,48 @@ class FaceAnalysis:
         frames = [f if isinstance(f, VideoFrame) else VideoFrame(0, 0.0, f) for f in frames]
         if not frames:
             return []
-        face_scale = math.inf if fine else self.face_scale
-        scale = input_scale(*frames[0].size, self.detector.size, self.min_size, face_scale)
+        scale = self.scale(frames[0], fine)
         return self.detector.detect([f.scaled(scale) for f in frames], scale)
+
+    def scale(self, frame: VideoFrame, fine: bool = False) -> float:
+        """The scale the detector reads `frame` at."""
+        return input_scale(*frame.size, self.detector.size, self.min_size, math.inf if fine else self.face_scale)
 
     def __call__(self, frame: VideoFrame | np.ndarray) -> Detections:
         return self.detect([frame])[0]
 
-    def landmarks(self, image: np.ndarray, dets: Detections, i: int) -> FaceLandmarks | None:
-        """The 5 points and outline of face `i`, or None when the mesh finds no face there."""
+    def landmarks(self, frame: VideoFrame | np.ndarray, dets: Detections, i: int, fine: bool = False
+                  ) -> FaceLandmarks | None:
+        """The 5 points and outline of face `i` of `dets` (found in `frame`), or None when the mesh finds no face
+        there. Keypoints found on a face smaller than `detect.refine_px` at the detection scale are found again on
+        the face alone, at that size."""
+        frame = frame if isinstance(frame, VideoFrame) else VideoFrame(0, 0.0, frame)
         if self.mesher is not None:
-            return self.mesher(image, dets.xyxy[i])
-        return keypoint_landmarks(dets.five[i])
+            return self.mesher(frame.image, dets.xyxy[i])
+        five = dets.five[i]
+        if self.refine_px and dets.side[i] * self.scale(frame, fine) < self.refine_px:
+            five = self._refined(frame.image, dets.xyxy[i], five)
+        return keypoint_landmarks(five)
+
+    def _refined(self, image: np.ndarray, box: np.ndarray, five: np.ndarray) -> np.ndarray:
+        """The detector's keypoints for the face in `box`, on a crop twice the box's side with the face at
+        `refine_px` (never enlarged); `five` when it does not find that face there."""
+        side = float(box[2] - box[0])
+        r = min(1.0, self.refine_px / side)
+        origin = (box[:2] + box[2:]) / 2 - side   # the crop's top left, in source pixels
+        out = max(32, round(2 * side * r))
+        warp = np.array([[r, 0, -r * origin[0]], [0, r, -r * origin[1]]], np.float32)
+        crop = cv2.warpAffine(image, warp, (out, out), flags=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
+        found = self.detector.detect([crop])[0]
+        found = found[found.has_points]
+        if not len(found):
+            return five
+        expected = ((box - np.tile(origin, 2)) * r)[None].astype(np.float32)
+        lo, hi = np.maximum(found.xyxy[:, :2], expected[:, :2]), np.minimum(found.xyxy[:, 2:], expected[:, 2:])
+        inter = np.clip(hi - lo, 0, None).prod(axis=1)
+        iou = inter / ((found.xyxy[:, 2:] - found.xyxy[:, :2]).prod(axis=1) + (side * r) ** 2 - inter)
+        j = int(np.argmax(iou))
+        return five if iou[j] < 0.5 else (found.five[j] / r + origin).astype(np.float32)
 
     def largest(self, image: np.ndarray) -> tuple[Detections, FaceLandmarks | None]:
         """The largest face of a photo and its landmarks (an empty `Detections` when there is none)."""
@@ -86,7 +117,7 @@ class FaceAnalysis:
         if not len(dets):
             return dets, None
         i = int(np.argmax(dets.side))
-        return dets[i], self.landmarks(image, dets, i)
+        return dets[i], self.landmarks(image, dets, i, fine=True)
 
     def close(self) -> None:
         self.detector.close()
@@ -201,11 +232,11 @@ class Analyser:
         """The face to score, or why it is not scored (no landmarks, turned too far, too blurred)."""
         cfg = self.cfg
         with self.timer("landmarks"):
-            lm = self.faces.landmarks(frame.image, dets, i)
+            lm = self.faces.landmarks(frame, dets, i)
         if lm is None:
             return "no_landmarks"
         yaw = yaw_ratio(lm.five)
-        if abs(yaw) > cfg.cascade.max_yaw:
+        if abs(yaw) > cfg.cascade.max_yaw or in_profile(lm.five, float(dets.side[i])):
             return "yaw"
         with self.timer("align"):
             crops = crop_face(frame.image, dets.xyxy[i], lm, cfg.faces.aligned_size, cfg.faces.iqa_size,

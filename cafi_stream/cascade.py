@@ -28,6 +28,16 @@ def yaw_ratio(five: np.ndarray) -> float:
     return float(np.dot(five[2] - (five[0] + five[1]) / 2, eye / dist) / dist)
 
 
+# A frontal face's eyes are about a third of its square box apart; seen from the side, the detector's keypoints
+# collapse together and the nose offset along so short an eye line says nothing about yaw.
+MIN_EYE_SPAN = 0.15
+
+
+def in_profile(five: np.ndarray, side: float) -> bool:
+    """Whether the eyes are under MIN_EYE_SPAN of the face's box side apart: a face seen from the side."""
+    return float(np.hypot(*(five[1] - five[0]))) < MIN_EYE_SPAN * side
+
+
 @dataclass(order=True)
 class _Queued:
     priority: float

@@ -258,7 +258,7 @@ def open_video(source: str, threads: int = 0, options: dict | None = None, timeo
 
 
 class Decoder:
-    """Decodes in its own thread and hands frames to an asyncio queue; the queue bound gives back-pressure."""
+    """Decodes in its own thread and hands frames over through a `FrameQueue`; its bound gives back-pressure."""
 
     def __init__(self, source: str, queue_size: int = 16, threads: int = 0):
         self.container, self.stream, self.info = open_video(source, threads)

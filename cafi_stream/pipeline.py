@@ -116,7 +116,7 @@ class _Run:
 
     Per frame: detect (every `stride` frames) -> track -> cheap gates -> landmarks/crops -> SER-FIQ micro-batch
     -> SER-FIQ rule -> IQA scheduler -> IQA micro-batch -> top-k pools. A track that ends first drains what is
-    pending for it, then is written.
+    pending for it, then is handed on as a `TrackResult`.
     """
 
     def __init__(self, cfg: Config, models: Models, decoder: Decoder, scores_out: Path | None = None):
@@ -403,7 +403,8 @@ def process(source: str, cfg: Config, models: Models | None = None, random_dbcnn
             ) -> Iterator[TrackResult]:
     """The pipeline as a lazy iterator: each track's kept faces (`TrackResult`) as soon as the track ends, and on
     live sources snapshots of open tracks; then, when the input ends, every open track's. Nothing is written:
-    `run()` is the consumer that writes them. Bad input raises InputError before any model loads."""
+    `run()` consumes the same results (`frame_results`, then `finish`) and writes them. Bad input raises
+    InputError at the first step, before any model loads."""
     decoder = open_source(source, cfg)
     own_models = models is None
     if own_models:

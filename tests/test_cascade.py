@@ -75,3 +75,14 @@ def test_yaw_ratio_frontal_and_turned():
     rolled = frontal @ np.array([[0.8, -0.6], [0.6, 0.8]], np.float32).T
     assert abs(yaw_ratio(frontal)) < 1e-6 and abs(yaw_ratio(rolled)) < 1e-5
     assert abs(yaw_ratio(turned) - 0.5) < 1e-6
+
+
+def test_profile_faces_by_their_eye_span():
+    """Eyes about a third of the box apart: frontal; collapsed together (a face seen from the side, where the nose
+    offset along the eye line says nothing): profile."""
+    from cafi_stream.cascade import in_profile
+
+    frontal = np.array([[38, 50], [74, 50], [56, 70], [42, 88], [70, 88]], np.float32)
+    collapsed = np.array([[90, 50], [101, 56], [61, 110], [111, 160], [115, 161]], np.float32)   # a real one, shifted
+    assert not in_profile(frontal, 112) and in_profile(collapsed, 293)
+    assert abs(yaw_ratio(collapsed)) < 0.45   # what the yaw gate alone let through

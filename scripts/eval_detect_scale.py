@@ -35,6 +35,7 @@ from cafi_stream.config import load_config  # noqa: E402
 from cafi_stream.decode import VideoFrame  # noqa: E402
 from cafi_stream.detect import input_scale  # noqa: E402
 from cafi_stream.models import default_models_dir  # noqa: E402
+from readme_block import replace_block  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 REFERENCE = 1280
@@ -145,11 +146,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["rules"], indent=1))
     if args.readme:
-        text = args.readme.read_text()
-        start, end = "<!-- detect-scale:start -->", "<!-- detect-scale:end -->"
-        if start in text:
-            head, rest = text.split(start, 1)
-            args.readme.write_text(head + start + "\n" + readme_table(result) + "\n" + end + rest.split(end, 1)[1])
+        replace_block(args.readme, "detect-scale", readme_table(result))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from cafi_stream.analyse import FaceAnalysis  # noqa: E402
 from cafi_stream.config import load_config  # noqa: E402
 from cafi_stream.detect import DETECTORS  # noqa: E402
+from readme_block import replace_block  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 OPTIONAL = SHARED / "models" / "optional"
@@ -169,11 +170,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("recall_all", "recall", "ms_per_frame", "box_ratio_to_mediapipe")}))
     if args.readme:
-        text = args.readme.read_text()
-        start, end = "<!-- detectors:start -->", "<!-- detectors:end -->"
-        if start in text:
-            head, rest = text.split(start, 1)
-            args.readme.write_text(head + start + "\n" + readme_table(result) + "\n" + end + rest.split(end, 1)[1])
+        replace_block(args.readme, "detectors", readme_table(result))
 
 
 if __name__ == "__main__":

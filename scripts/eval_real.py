@@ -50,6 +50,7 @@ VIDEOS = SHARED / "real" / "videos"
 from cafi_stream import degrade  # noqa: E402
 from cafi_stream.fusion import NAMES, row_signals  # noqa: E402
 from eval_cuts import split_clips  # noqa: E402
+from readme_block import replace_block  # noqa: E402
 
 SIZE, FPS = 288, 25
 SECONDS, CLEAN = 8, 3        # segments per clip, clean ones among them (37.5% clean)
@@ -346,14 +347,6 @@ def readme_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    start, end = "<!-- real:start -->", "<!-- real:end -->"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -384,7 +377,7 @@ def main(argv=None) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "real.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.readme:
-        update_readme(Path(args.readme), readme_table(result))
+        replace_block(Path(args.readme), "real", readme_table(result))
     print(readme_table(result))
     return 0
 

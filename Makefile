@@ -35,4 +35,5 @@ eval: $(STAMP)
 	$(PY) scripts/eval_real.py --out docs/results --readme README.md
 	$(PY) scripts/eval_cuts.py --out docs/results/cuts.json
 	$(PY) scripts/eval_detectors.py --out docs/results/detectors.json --readme README.md
+	$(PY) scripts/eval_detect_scale.py --out docs/results/detect_scale.json --readme README.md
 	rm -rf docs/results/runs docs/results/eval_video.mp4 docs/results/ground_truth.json

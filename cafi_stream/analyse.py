@@ -99,7 +99,7 @@ class FaceAnalysis:
         origin = (box[:2] + box[2:]) / 2 - side   # the crop's top left, in source pixels
         out = max(32, round(2 * side * r))
         warp = np.array([[r, 0, -r * origin[0]], [0, r, -r * origin[1]]], np.float32)
-        crop = cv2.warpAffine(image, warp, (out, out), flags=cv2.INTER_AREA if r < 1 else cv2.INTER_LINEAR)
+        crop = cv2.warpAffine(image, warp, (out, out), flags=cv2.INTER_LINEAR)   # (warpAffine has no area mode)
         found = self.detector.detect([crop])[0]
         found = found[found.has_points]
         if not len(found):

@@ -22,7 +22,7 @@ from .align import crop_face
 from .cascade import in_profile, yaw_ratio
 from .config import Config, DetectConfig
 from .decode import VideoFrame
-from .detect import Detections, create_detector, detection_stride, input_scale
+from .detect import Detections, box_iou, create_detector, detection_stride, input_scale
 from .errors import InputError
 from .landmarks import FaceLandmarks, FaceMesher, keypoint_landmarks
 from .measures import measure
@@ -104,10 +104,7 @@ class FaceAnalysis:
         found = found[found.has_points]
         if not len(found):
             return five
-        expected = ((box - np.tile(origin, 2)) * r)[None].astype(np.float32)
-        lo, hi = np.maximum(found.xyxy[:, :2], expected[:, :2]), np.minimum(found.xyxy[:, 2:], expected[:, 2:])
-        inter = np.clip(hi - lo, 0, None).prod(axis=1)
-        iou = inter / ((found.xyxy[:, 2:] - found.xyxy[:, :2]).prod(axis=1) + (side * r) ** 2 - inter)
+        iou = box_iou(found.xyxy, ((box - np.tile(origin, 2)) * r)[None].astype(np.float32))[:, 0]
         j = int(np.argmax(iou))
         return five if iou[j] < 0.5 else (found.five[j] / r + origin).astype(np.float32)
 

@@ -160,7 +160,8 @@ class FrameQueue:
                 if self.drop_oldest or (stop.is_set() and isinstance(item, EndOfFrames)):
                     with contextlib.suppress(queue.Empty):
                         self._queue.get_nowait()
-                        self.stats.dropped += self.drop_oldest
+                        if self.drop_oldest:   # a stopped file's frame is no loss: its consumer is gone
+                            self.stats.dropped += 1
                 elif stop.is_set():
                     return
 
@@ -319,9 +320,7 @@ class Decoder:
         try:
             for frame in self._frames():
                 self.stats.frames += 1
-                frames.put(frame, self._stop)
-                if self._stop.is_set():
-                    break
+                frames.put(frame, self._stop)   # once stopped, the decoding loop ends at its next frame
         except BaseException as e:   # handed to the consumer, which re-raises it
             end = EndOfFrames(e)
         finally:

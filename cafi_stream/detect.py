@@ -67,6 +67,14 @@ def square_boxes(xyxy: np.ndarray, scale: float) -> np.ndarray:
     return np.concatenate([centre - half, centre + half], axis=1).astype(np.float32)
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) intersection over union of two sets of xyxy boxes."""
+    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(axis=2)
+    area_a, area_b = (a[:, 2:] - a[:, :2]).prod(axis=1), (b[:, 2:] - b[:, :2]).prod(axis=1)
+    return inter / (area_a[:, None] + area_b[None] - inter)
+
+
 def detection_stride(fps: float, rate: float) -> int:
     """Detect on every n-th frame so that detections come at about `rate` per second (0: every frame)."""
     return 1 if rate <= 0 or fps <= rate else max(1, round(fps / rate))

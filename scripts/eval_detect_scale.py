@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from cafi_stream.analyse import FaceAnalysis  # noqa: E402
 from cafi_stream.config import load_config  # noqa: E402
 from cafi_stream.decode import VideoFrame  # noqa: E402
-from cafi_stream.detect import input_scale  # noqa: E402
+from cafi_stream.detect import box_iou, input_scale  # noqa: E402
 from cafi_stream.models import default_models_dir  # noqa: E402
 from readme_block import replace_block  # noqa: E402
 
@@ -53,13 +53,6 @@ def clips(min_size: int) -> list[Path]:
             if max(s.width, s.height) > min_size:
                 out.append(path)
     return out
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(hi - lo, 0, None).prod(axis=2)
-    area = lambda z: (z[:, 2:] - z[:, :2]).prod(axis=1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None] - inter)
 
 
 def evaluate(every: int, limit: int) -> dict:
@@ -90,7 +83,7 @@ def evaluate(every: int, limit: int) -> dict:
                 stats[name]["seconds"] += time.perf_counter() - t0
                 if not len(ref) or not len(dets):
                     continue
-                overlap = iou(ref.xyxy, dets.xyxy)
+                overlap = box_iou(ref.xyxy, dets.xyxy)
                 for i, j in enumerate(overlap.argmax(axis=1)):
                     if overlap[i, j] >= 0.5:
                         stats[name]["found"] += 1

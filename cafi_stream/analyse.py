@@ -37,7 +37,7 @@ class FaceAnalysis:
     def __init__(self, cfg: DetectConfig, models_dir: Path, device: str = "cpu", backend: str = "auto",
                  min_face: int = 0):
         self.detector, self.spec, path = create_detector(cfg, models_dir, device, backend)
-        self.min_size, self.refine_px = cfg.min_size, cfg.refine_px
+        self.min_size, self.refine_px, self.batch = cfg.min_size, cfg.refine_px, cfg.batch
         self.face_scale = cfg.face_px / min_face if min_face > 0 and cfg.face_px > 0 else math.inf
         use_mesh = cfg.landmarks == "mesh" or (cfg.landmarks == "auto" and not self.spec.keypoints)
         if cfg.landmarks == "keypoints" and not self.spec.keypoints:
@@ -71,6 +71,11 @@ class FaceAnalysis:
         scale = self.scale(frames[0], fine)
         return self.detector.detect([f.scaled(scale) for f in frames], scale)
 
+    def prepare(self, frame: VideoFrame) -> None:
+        """Make (and keep in `frame`) the detector's input for `frame`, where the detector reads scaled frames."""
+        if self.detector.size is not None:
+            frame.scaled(self.scale(frame))
+
     def scale(self, frame: VideoFrame, fine: bool = False) -> float:
         """The scale the detector reads `frame` at."""
         return input_scale(*frame.size, self.detector.size, self.min_size, math.inf if fine else self.face_scale)
@@ -78,35 +83,52 @@ class FaceAnalysis:
     def __call__(self, frame: VideoFrame | np.ndarray) -> Detections:
         return self.detect([frame])[0]
 
-    def landmarks(self, frame: VideoFrame | np.ndarray, dets: Detections, i: int, fine: bool = False
-                  ) -> FaceLandmarks | None:
+    @property
+    def revisits(self) -> bool:
+        """Whether a tracked face can be found again on a crop around it (`around`): a detector with keypoints,
+        which reads crops of any size."""
+        return self.spec.keypoints and self.refine_px > 0
+
+    def landmarks(self, frame: VideoFrame | np.ndarray, dets: Detections, i: int, fine: bool = False,
+                  refine: bool = True) -> FaceLandmarks | None:
         """The 5 points and outline of face `i` of `dets` (found in `frame`), or None when the mesh finds no face
-        there. Keypoints found on a face smaller than `detect.refine_px` at the detection scale are found again on
-        the face alone, at that size."""
+        there. With `refine`, keypoints found on a face smaller than `detect.refine_px` at the detection scale are
+        found again on the face alone, at that size."""
         frame = frame if isinstance(frame, VideoFrame) else VideoFrame(0, 0.0, frame)
         if self.mesher is not None:
             return self.mesher(frame.image, dets.xyxy[i])
         five = dets.five[i]
-        if self.refine_px and dets.side[i] * self.scale(frame, fine) < self.refine_px:
-            five = self._refined(frame.image, dets.xyxy[i], five)
+        if refine and self.refine_px and dets.side[i] * self.scale(frame, fine) < self.refine_px:
+            found = self.around(frame, dets.xyxy[i:i + 1], min_iou=0.5)[0]
+            five = found.five[0] if len(found) else five
         return keypoint_landmarks(five)
 
-    def _refined(self, image: np.ndarray, box: np.ndarray, five: np.ndarray) -> np.ndarray:
-        """The detector's keypoints for the face in `box`, on a crop twice the box's side with the face at
-        `refine_px` (never enlarged); `five` when it does not find that face there."""
-        side = float(box[2] - box[0])
-        r = min(1.0, self.refine_px / side)
-        origin = (box[:2] + box[2:]) / 2 - side   # the crop's top left, in source pixels
-        out = max(32, round(2 * side * r))
-        warp = np.array([[r, 0, -r * origin[0]], [0, r, -r * origin[1]]], np.float32)
-        crop = cv2.warpAffine(image, warp, (out, out), flags=cv2.INTER_LINEAR)   # (warpAffine has no area mode)
-        found = self.detector.detect([crop])[0]
-        found = found[found.has_points]
-        if not len(found):
-            return five
-        iou = box_iou(found.xyxy, ((box - np.tile(origin, 2)) * r)[None].astype(np.float32))[:, 0]
-        j = int(np.argmax(iou))
-        return five if iou[j] < 0.5 else (found.five[j] / r + origin).astype(np.float32)
+    def around(self, frame: VideoFrame, boxes: np.ndarray, min_iou: float) -> list[Detections]:
+        """The faces in `boxes` (N, 4) found again, each on a crop twice its box's side with the face at `refine_px`
+        (never enlarged), in one detector call: keypoints at that precision, or tracked faces found again between
+        full-frame detections. Per box one row in source pixels, the crop's face that overlaps the box most, if by
+        `min_iou`; else none."""
+        sides = boxes[:, 2] - boxes[:, 0]
+        scales = np.minimum(1.0, self.refine_px / sides)
+        origins = (boxes[:, :2] + boxes[:, 2:]) / 2 - sides[:, None]   # each crop's top left, in source pixels
+        out = max(32, round(float((2 * sides * scales).max())))        # one size for the batch
+        crops = []
+        for origin, side, r in zip(origins, sides, scales):
+            patch, at = frame.region(np.concatenate([origin, origin + 2 * side]))
+            warp = np.array([[r, 0, -r * (origin[0] - at[0])], [0, r, -r * (origin[1] - at[1])]], np.float32)
+            crops.append(cv2.warpAffine(patch, warp, (out, out), flags=cv2.INTER_LINEAR))   # (no area mode)
+        results = []
+        found_all = [d for i in range(0, len(crops), self.batch) for d in self.detector.detect(crops[i:i + self.batch])]
+        for found, box, origin, r in zip(found_all, boxes, origins, scales):
+            found = found[found.has_points]
+            iou = box_iou(found.xyxy, ((box - np.tile(origin, 2)) * r)[None].astype(np.float32))[:, 0]
+            j = int(np.argmax(iou)) if len(found) else 0
+            if not len(found) or iou[j] < min_iou:
+                results.append(found[np.zeros(len(found), bool)])
+                continue
+            results.append(Detections((found.xyxy[j:j + 1] / r + np.tile(origin, 2)).astype(np.float32),
+                                      found.confidence[j:j + 1], (found.five[j:j + 1] / r + origin).astype(np.float32)))
+        return results
 
     def largest(self, image: np.ndarray) -> tuple[Detections, FaceLandmarks | None]:
         """The largest face of a photo and its landmarks (an empty `Detections` when there is none)."""
@@ -137,14 +159,25 @@ class Analysed:
     faces: tuple[ScoredFace, ...] = ()
 
 
+Found = tuple[int, Detections, int, bool]   # track id, a frame's detections, the face's index, found again around it
+
+# Least IoU between a tracked face's latest box and the face found again around it a sample interval later.
+REVISIT_IOU = 0.3
+
+
 class Analyser:
-    """The analysis stage: detect (every `stride` frames), track, gate, landmarks, crops and capture measures.
-    Frames go in; frozen `Analysed` records come out. Its counters say why faces were not scored."""
+    """The analysis stage: detect, track, gate, landmarks, crops and capture measures. Frames go in; frozen
+    `Analysed` records come out. Its counters say why faces were not scored.
+
+    The whole frame is searched every `stride` frames (`detect.rate`): that finds new faces and feeds the tracker.
+    Between, each tracked face due for a sample (`cascade.sample_interval`) is found again on a crop around its
+    latest box, at `detect.refine_px` (`FaceAnalysis.around`): faces are sampled as often as before for a fraction
+    of the detector's time."""
 
     def __init__(self, cfg: Config, faces: FaceAnalysis, fps: float, timer):
         self.cfg, self.faces, self.timer = cfg, faces, timer
         self.stride = 1 if cfg.cascade.exhaustive else detection_stride(fps, cfg.detect.rate)
-        self.tracker = FaceTracker(cfg.track, fps, period=self.stride)
+        self.tracker = FaceTracker(cfg.track, fps)
         self.interval = 0.0 if cfg.cascade.exhaustive else cfg.cascade.sample_interval
         self.counts: dict[str, int] = defaultdict(int)
         self.last_sampled: dict[int, float] = {}
@@ -152,6 +185,14 @@ class Analyser:
         self.detect_passes = 0
         self.largest_face = 0.0
         self.cut_frames: deque[int] = deque(maxlen=1000)   # the latest cuts' frame indices, for the summary
+
+    def prepare(self, frame: VideoFrame) -> None:
+        """What the decoding thread makes for `frame` ahead of `__call__` (`decode.Prepare`): the shot-cut
+        thumbnail, and on full-frame detection frames the detector's input. It reads only settings."""
+        if self.tracker.cuts is not None:
+            frame.thumbnail   # noqa: B018 - made and kept by the frame
+        if not frame.index % self.stride:
+            self.faces.prepare(frame)
 
     def __call__(self, frame: VideoFrame) -> Analysed:
         self.counts["frames"] += 1
@@ -161,8 +202,27 @@ class Analyser:
         if cut:
             self.cut_frames.append(frame.index)
             ended += self._ended(self.tracker.finish(), frame.pts_time)
-        if frame.index % self.stride:
-            return Analysed(tuple(ended))
+        found = self._revisit(frame) if frame.index % self.stride else None
+        if found is None:
+            found, gone = self._discover(frame)
+            ended += gone
+        faces = []
+        for tid, dets, i, revisited in found:
+            self.span[tid] = (self.span.get(tid, (frame.pts_time,))[0], frame.pts_time)
+            why = self._gate(tid, float(dets.side[i]), float(dets.confidence[i]), frame.pts_time)
+            if why is None:
+                self.last_sampled[tid] = frame.pts_time
+                face = self._face(frame, dets, i, tid, refine=not revisited)
+                why = face if isinstance(face, str) else None
+            if why is not None:
+                self.counts[f"gate_{why}"] += 1
+            else:
+                faces.append(face)
+        return Analysed(tuple(ended), tuple(faces))
+
+    def _discover(self, frame: VideoFrame) -> tuple[list[Found], list[EndedTrack]]:
+        """A full-frame detection and tracker update: the tracked faces (track, detections, index), and the
+        tracks that ended."""
         with self.timer("detect"):
             dets = self.faces(frame)
         self.detect_passes += 1
@@ -171,35 +231,32 @@ class Analyser:
             self.largest_face = max(self.largest_face, float(dets.side.max()))
         with self.timer("track"):
             update = self.tracker.update(dets, frame.pts_time)
-        ended += self._ended(update.ended, frame.pts_time)
-        faces = []
-        for i in np.flatnonzero(update.track_ids >= 0):
-            tid = int(update.track_ids[i])
-            self.span[tid] = (self.span.get(tid, (frame.pts_time,))[0], frame.pts_time)
-            why = self._gate(tid, float(dets.side[i]), float(dets.confidence[i]), frame.pts_time)
-            if why is None:
-                self.last_sampled[tid] = frame.pts_time
-                face = self._face(frame, dets, int(i), tid)
-                why = face if isinstance(face, str) else None
-            if why is not None:
-                self.counts[f"gate_{why}"] += 1
-            else:
-                faces.append(face)
-        return Analysed(tuple(ended), tuple(faces))
+        found = [(int(update.track_ids[i]), dets, int(i), False) for i in np.flatnonzero(update.track_ids >= 0)]
+        return found, self._ended(update.ended, frame.pts_time)
 
-    def nothing_kept(self) -> str:
-        """One line on why a run kept no face."""
-        c, frames = self.counts, self.counts["frames"]
-        if not c["faces_detected"]:
-            return f"no face kept: no face was detected in {frames} frame(s)"
-        gates = {"too_small": f"smaller than --min-face {self.cfg.faces.min_face} px "
-                              f"(the largest was {self.largest_face:.0f} px)",
-                 "low_det_score": "under cascade.min_det_score", "no_landmarks": "without landmarks",
-                 "yaw": "turned too far (cascade.max_yaw)", "blur": "too blurred (cascade.min_sharpness)"}
-        why = [f"{c[f'gate_{g}']} {text}" for g, text in gates.items() if c[f"gate_{g}"]]
-        return (f"no face kept: {c['faces_detected']} face detection(s) in {frames} frame(s); not scored: "
-                + ("; ".join(why) if why else "none, but every scored face failed the SER-FIQ rule or was in a "
-                                              "track too short to keep (track.min_frames)"))
+    def _revisit(self, frame: VideoFrame) -> list[Found] | None:
+        """Between full-frame detections: each tracked face due for a sample, found again on a crop around its
+        latest box (`FaceAnalysis.around`). None where a full-frame detection is the cheaper way (more crop pixels
+        than the frame's detection input), or the only one (a detector without keypoints)."""
+        due = {tid: box for tid, box in self.tracker.boxes.items()
+               if frame.pts_time - self.last_sampled.get(tid, -math.inf) >= self.interval
+               and box[2] - box[0] >= self.cfg.faces.min_face}
+        if not due:
+            return []
+        w, h = frame.size
+        if not self.faces.revisits or len(due) * (2 * self.faces.refine_px) ** 2 > w * h * self.faces.scale(frame) ** 2:
+            return None
+        with self.timer("detect"):
+            again = self.faces.around(frame, np.stack(list(due.values())), min_iou=REVISIT_IOU)
+        self.counts["faces_revisited"] += len(due)
+        found = []
+        for tid, dets in zip(due, again):
+            if len(dets):
+                self.tracker.seen(tid, dets.xyxy[0], frame.pts_time)
+                found.append((tid, dets, 0, True))
+            else:
+                self.tracker.lost(tid)
+        return found
 
     def finish(self, now: float) -> tuple[EndedTrack, ...]:
         """End every open track (end of input)."""
@@ -225,21 +282,27 @@ class Analyser:
             return "sampled_out"
         return None
 
-    def _face(self, frame: VideoFrame, dets: Detections, i: int, tid: int) -> ScoredFace | str:
+    def _face(self, frame: VideoFrame, dets: Detections, i: int, tid: int, refine: bool) -> ScoredFace | str:
         """The face to score, or why it is not scored (no landmarks, turned too far, too blurred)."""
         cfg = self.cfg
         with self.timer("landmarks"):
-            lm = self.faces.landmarks(frame, dets, i)
+            lm = self.faces.landmarks(frame, dets, i, refine=refine)
         if lm is None:
             return "no_landmarks"
         yaw = yaw_ratio(lm.five)
         if abs(yaw) > cfg.cascade.max_yaw or in_profile(lm.five, float(dets.side[i])):
             return "yaw"
         with self.timer("align"):
-            crops = crop_face(frame.image, dets.xyxy[i], lm, cfg.faces.aligned_size, cfg.faces.iqa_size,
-                              cfg.output.context_scale)
+            # Only the part of the frame the crops read is converted: the context crop, and the aligned crop
+            # turned by up to 45 degrees.
+            box = dets.xyxy[i]
+            half = float(box[2] - box[0]) * max(1.0, cfg.output.context_scale / 2)
+            centre = (box[:2] + box[2:]) / 2
+            patch, origin = frame.region(np.concatenate([centre - half, centre + half]))
+            box, local = box - np.tile(origin, 2), lm.shifted(origin)
+            crops = crop_face(patch, box, local, cfg.faces.aligned_size, cfg.faces.iqa_size, cfg.output.context_scale)
         with self.timer("measures"):
-            capture = measure(frame.image, dets.xyxy[i], crops.aligned, lm.five, lm.mesh)
+            capture = measure(patch, box, crops.aligned, local.five, local.mesh)
         if capture.sharpness < cfg.cascade.min_sharpness:
             return "blur"
         return ScoredFace(
@@ -247,3 +310,18 @@ class Analyser:
             det_score=float(dets.confidence[i]), landmarks=lm.five, serfiq=math.nan, embedding=None,
             iqa=None, score=math.nan, sharpness=capture.sharpness, proxy=capture.detail, yaw=yaw, crops=crops,
             measures=capture, pose=pose_bin(yaw, cfg.diversity.frontal_yaw))
+
+
+def nothing_kept(analyser: Analyser) -> str:
+    """One line on why a run kept no face."""
+    c, frames = analyser.counts, analyser.counts["frames"]
+    if not c["faces_detected"]:
+        return f"no face kept: no face was detected in {frames} frame(s)"
+    gates = {"too_small": f"smaller than --min-face {analyser.cfg.faces.min_face} px "
+                          f"(the largest was {analyser.largest_face:.0f} px)",
+             "low_det_score": "under cascade.min_det_score", "no_landmarks": "without landmarks",
+             "yaw": "turned too far (cascade.max_yaw)", "blur": "too blurred (cascade.min_sharpness)"}
+    why = [f"{c[f'gate_{g}']} {text}" for g, text in gates.items() if c[f"gate_{g}"]]
+    return (f"no face kept: {c['faces_detected']} face detection(s) in {frames} frame(s); not scored: "
+            + ("; ".join(why) if why else "none, but every scored face failed the SER-FIQ rule or was in a "
+                                          "track too short to keep (track.min_frames)"))

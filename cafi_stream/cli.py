@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 
-from .config import FUSIONS, RANKERS
 from .errors import CafiError
 from .sources import redact
 
@@ -53,48 +52,16 @@ def build_parser(batch: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--out", help="output folder (default cafi_out/<source stem>/); it must be empty or new")
         p.add_argument("--overwrite", action="store_true",
                        help="replace an earlier run's files in --out (other files there are left alone)")
-    p.add_argument("--topk", type=int, help="faces kept per track, or per identity with --per identity (default 5)")
     p.add_argument("--config", help="TOML file overlaid on configs/default.toml")
-    p.add_argument("--models-dir", help="where model files are found and downloaded to (or $CAFI_MODELS_DIR)")
-    p.add_argument("--fr-model", help="face-recognition model: a registry name or an ONNX file (default arcface_r50)")
-    p.add_argument("--detector", help="face detector: scrfd_2.5g, yunet, mediapipe, or one of their files "
-                                      "(default: configs/default.toml)")
-    p.add_argument("--iqa", help="dbcnn (default), any pyiqa no-reference metric, or none (rank by SER-FIQ)")
-    p.add_argument("--min-face", type=int, help="least face box side in source pixels to score (default 112)")
-    p.add_argument("--min-gap", type=float, help="least seconds between kept faces of one track (default 0.5)")
-    p.add_argument("--max-frames", type=int, help="stop after this many frames")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where torch and ONNX Runtime run")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "ort", "torch"],
-                   help="inference backend for the scoring networks (default auto: the fastest available)")
-    p.add_argument("--ranker", choices=RANKERS,
-                   help="how faces are ranked (default cafi; the others are baselines)")
-    p.add_argument("--fusion", choices=FUSIONS, help="how cafi combines its signals")
     if not batch:   # one file per run; a batch records its videos in its own folder
         p.add_argument("--scores-out", help="write one JSON line per scored face, with whether it was kept")
-    p.add_argument("--exhaustive", action="store_true", default=None,
-                   help="score every eligible face with the IQA model (slow; the cascade's reference)")
-    ds = p.add_argument_group("dataset")
-    ds.add_argument("--per", choices=["track", "identity"], help="keep the top-k per track (default) or per identity")
-    ds.add_argument("--identity-threshold", type=float,
-                    help="least average embedding cosine between two tracks of one identity (default 0.35)")
-    ds.add_argument("--max-similarity", type=float,
-                    help="largest embedding cosine between two kept faces of a track (default 1: off)")
-    ds.add_argument("--pose-bins", action="store_true", default=None,
-                    help="keep the best frontal, left and right face of a track first")
-    ds.add_argument("--export", action="append", choices=["parquet"], default=[],
-                    help="also write dataset.parquet (every column and the image bytes)")
-    live = p.add_argument_group("live sources (rtsp://, http(s)://, /dev/video*, --loop)")
-    if not batch:   # a looping file never finishes
-        live.add_argument("--loop", action="store_true", default=None,
-                          help="play a file as a live source at its native rate, looping")
-    live.add_argument("--rtsp-transport", choices=["tcp", "udp"], help="RTSP transport (default tcp)")
-    live.add_argument("--open-timeout", type=float, help="seconds a connection may take to open (default 10)")
-    live.add_argument("--read-timeout", type=float, help="seconds without data before reconnecting (default 10)")
-    live.add_argument("--reconnect-max", type=int,
-                      help="failed connection attempts in a row before exiting with code 3 (default: unlimited)")
-    live.add_argument("--track-timeout", type=float, help="seconds unseen before a track is closed and written")
+    groups = {"": p, "dataset": p.add_argument_group("dataset"),
+              "live": p.add_argument_group("live sources (rtsp://, http(s)://, /dev/video*, --loop)")}
+    _add_config_flags(groups, lambda meta: not (batch and meta["single"]))
+    groups["dataset"].add_argument("--export", action="append", choices=["parquet"], default=[],
+                                   help="also write dataset.parquet (every column and the image bytes)")
     if not batch:
-        live.add_argument("--stats-json", help="keep the status figures in this JSON file")
+        groups["live"].add_argument("--stats-json", help="keep the status figures in this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar, status lines or result line")
     p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     return p
@@ -108,29 +75,46 @@ def _print_status(h: dict) -> None:
     sys.stderr.flush()
 
 
+def _add_config_flags(groups: dict, wanted) -> None:
+    """A flag for each config key declared as one (`config.option`) whose metadata `wanted` accepts; its help
+    ends with the packaged default."""
+    from .config import choices, cli_options, load_config
+
+    defaults = load_config()
+    for section, f in cli_options():
+        meta = f.metadata
+        if not wanted(meta):
+            continue
+        dest = f"{section}.{f.name}"
+        if f.type == "bool":
+            groups[meta["group"]].add_argument(meta["flag"], dest=dest, action="store_true", default=None,
+                                               help=meta["help"])
+            continue
+        default = getattr(getattr(defaults, section), f.name)
+        groups[meta["group"]].add_argument(meta["flag"], dest=dest, type={"int": int, "float": float}.get(f.type, str),
+                                           choices=choices(section, f.name),
+                                           metavar=None if choices(section, f.name) else
+                                           meta["flag"].lstrip("-").upper().replace("-", "_"),
+                                           help=(meta["help"] + (f" (default {default!r})" if default != "" else ""))
+                                           .replace("%", "%%"))
+
+
 def config_overrides(args: argparse.Namespace) -> dict:
-    """{section: {key: value}} for the flags given; a parser that lacks a flag (engines build) just skips it."""
-    flags = {"output": {"topk": "topk", "min_gap": "min_gap"}, "faces": {"min_face": "min_face"},
-             "fr": {"model": "fr_model"}, "detect": {"model": "detector"}, "iqa": {"name": "iqa"}, "decode": {"max_frames": "max_frames"},
-             "runtime": {"device": "device", "models_dir": "models_dir", "backend": "backend"},
-             "cascade": {"exhaustive": "exhaustive"}, "rank": {"method": "ranker", "fusion": "fusion"},
-             "live": {"loop": "loop", "transport": "rtsp_transport", "open_timeout": "open_timeout",
-                      "read_timeout": "read_timeout", "reconnect_max": "reconnect_max"},
-             "track": {"max_gap": "track_timeout"},
-             "identity": {"per": "per", "threshold": "identity_threshold"},
-             "diversity": {"max_similarity": "max_similarity", "pose_bins": "pose_bins"}}
-    return {section: {key: getattr(args, flag) for key, flag in keys.items() if getattr(args, flag, None) is not None}
-            for section, keys in flags.items()}
+    """{section: {key: value}} for the config flags given (`_add_config_flags`)."""
+    out: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        section, dot, key = dest.partition(".")
+        if dot and value is not None:
+            out.setdefault(section, {})[key] = value
+    return out
 
 
 def build_engines_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cafi-stream engines build",
                 description="Export and compile the scoring engines now, instead of lazily on the first run.")
     p.add_argument("action", choices=["build"])
-    for flag in ("--config", "--models-dir", "--fr-model", "--detector", "--iqa"):
-        p.add_argument(flag)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--backend", choices=["auto", "tensorrt", "ort", "torch"])
+    p.add_argument("--config", help="TOML file overlaid on configs/default.toml")
+    _add_config_flags({"": p}, lambda meta: meta["engines"])
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -17,10 +17,17 @@ FUSIONS = ("learned", "filter", "zsum", "zmin")
 LANDMARK_SOURCES = ("auto", "keypoints", "mesh")
 
 
+def option(flag: str, help: str, group: str = "", single: bool = False, engines: bool = False) -> Any:
+    """A config key that is also a command-line flag, declared once, here: cli.py builds its parsers from these
+    (type from the annotation, choices from _CHOICES, the default from default.toml). `group`: the --help section;
+    `single`: single-source runs only (not `batch`); `engines`: also a flag of `engines build`."""
+    return field(metadata={"flag": flag, "help": help, "group": group, "single": single, "engines": engines})
+
+
 @dataclass
 class OutputConfig:
-    topk: int
-    min_gap: float
+    topk: int = option("--topk", "faces kept per track, or per identity with --per identity")
+    min_gap: float = option("--min-gap", "least seconds between kept faces of one track")
     context_scale: float
     jpeg_quality: int
 
@@ -29,12 +36,13 @@ class OutputConfig:
 class DecodeConfig:
     queue_size: int
     threads: int
-    max_frames: int
+    max_frames: int = option("--max-frames", "stop after this many frames (0: read the whole input)")
 
 
 @dataclass
 class DetectConfig:
-    model: str
+    model: str = option("--detector", "face detector: scrfd_2.5g, yunet, mediapipe, or one of their files",
+                        engines=True)
     min_confidence: float
     rate: float
     size: int
@@ -47,7 +55,8 @@ class DetectConfig:
 
 @dataclass
 class TrackConfig:
-    max_gap: float
+    max_gap: float = option("--track-timeout", "seconds unseen before a track is closed and written",
+                             group="live")
     iou_threshold: float
     min_frames: int
     shot_cut: float
@@ -55,14 +64,14 @@ class TrackConfig:
 
 @dataclass
 class FacesConfig:
-    min_face: int
+    min_face: int = option("--min-face", "least face box side in source pixels to score")
     iqa_size: int
     aligned_size: int
 
 
 @dataclass
 class FrConfig:
-    model: str
+    model: str = option("--fr-model", "face-recognition model: a registry name or an ONNX file", engines=True)
     channel_order: str
     mean: float
     std: float
@@ -80,33 +89,37 @@ class SerfiqConfig:
 
 @dataclass
 class RankConfig:
-    method: str
-    fusion: str
+    method: str = option("--ranker", "how faces are ranked (cafi is the product; the others are baselines)")
+    fusion: str = option("--fusion", "how cafi combines its signals")
 
 
 @dataclass
 class DiversityConfig:
-    max_similarity: float
-    pose_bins: bool
+    max_similarity: float = option("--max-similarity", "largest embedding cosine between two kept faces of a "
+                                                                     "track (1: off)", group="dataset")
+    pose_bins: bool = option("--pose-bins", "keep the best frontal, left and right face of a track first",
+                              group="dataset")
     frontal_yaw: float
 
 
 @dataclass
 class IdentityConfig:
-    threshold: float
-    per: str
+    threshold: float = option("--identity-threshold", "least average embedding cosine between two tracks of "
+                                                                   "one identity", group="dataset")
+    per: str = option("--per", "keep the top-k per track or per identity", group="dataset")
 
 
 @dataclass
 class IqaConfig:
-    name: str
+    name: str = option("--iqa", "dbcnn, any pyiqa no-reference metric, or none (rank by SER-FIQ)", engines=True)
     dbcnn_dataset: str
     batch: int
 
 
 @dataclass
 class CascadeConfig:
-    exhaustive: bool
+    exhaustive: bool = option("--exhaustive", "score every eligible face with the IQA model (slow; the "
+                                                          "cascade's reference)")
     min_det_score: float
     max_yaw: float
     min_sharpness: float
@@ -119,11 +132,13 @@ class CascadeConfig:
 
 @dataclass
 class LiveConfig:
-    loop: bool
-    transport: str
-    open_timeout: float
-    read_timeout: float
-    reconnect_max: int
+    loop: bool = option("--loop", "play a file as a live source at its native rate, looping", group="live",
+                         single=True)
+    transport: str = option("--rtsp-transport", "RTSP transport", group="live")
+    open_timeout: float = option("--open-timeout", "seconds a connection may take to open", group="live")
+    read_timeout: float = option("--read-timeout", "seconds without data before reconnecting", group="live")
+    reconnect_max: int = option("--reconnect-max", "failed connection attempts in a row before exiting with "
+                                                           "code 3 (-1: unlimited)", group="live")
     backoff_initial: float
     backoff_max: float
     queue_size: int
@@ -133,9 +148,11 @@ class LiveConfig:
 
 @dataclass
 class RuntimeConfig:
-    device: str
-    backend: str
-    models_dir: str
+    device: str = option("--device", "where torch and ONNX Runtime run", engines=True)
+    backend: str = option("--backend", "inference backend for the scoring networks (auto: the fastest "
+                                                  "available)", engines=True)
+    models_dir: str = option("--models-dir", "where model files are found and downloaded to (\"\": "
+                                                        "$CAFI_MODELS_DIR, else ~/.cache/cafi-stream/models)", engines=True)
     pool_factor: int
     max_batch: int
     max_wait_ms: float
@@ -222,13 +239,27 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
         sources.append(str(path))
     if overrides:
         data = _merge(data, {k: v for k, v in overrides.items() if v}, "command line")
-    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "sources"}
+    cfg = Config(**{name: _coerce(cls, data[name], name) for name, cls in _sections().items()}, sources=sources)
+    _validate(cfg)
+    return cfg
+
+
+def _sections() -> dict[str, type]:
+    """Config section name -> its dataclass."""
     types = {c.__name__: c for c in (OutputConfig, DecodeConfig, DetectConfig, TrackConfig, FacesConfig, FrConfig,
                                      SerfiqConfig, RankConfig, DiversityConfig, IdentityConfig, IqaConfig,
                                      CascadeConfig, LiveConfig, RuntimeConfig)}
-    cfg = Config(**{name: _coerce(types[t], data[name], name) for name, t in sections.items()}, sources=sources)
-    _validate(cfg)
-    return cfg
+    return {f.name: types[f.type] for f in dataclasses.fields(Config) if f.name != "sources"}
+
+
+def cli_options() -> list[tuple[str, dataclasses.Field]]:
+    """(section, field) of every config key that is also a command-line flag (`option`), in declaration order."""
+    return [(name, f) for name, cls in _sections().items() for f in dataclasses.fields(cls) if "flag" in f.metadata]
+
+
+def choices(section: str, key: str) -> tuple[str, ...] | None:
+    """The values a text option allows, where it has a fixed set."""
+    return _CHOICES.get((section, key))
 
 
 # (section, key): (lowest, highest) allowed, inclusive; None leaves that side open. Every numeric option is here.

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 import av.logging
@@ -70,14 +70,57 @@ class VideoFrame:
         """HxWx3 uint8 RGB, upright."""
         if not isinstance(self.raw, av.VideoFrame):
             return self.raw
+        if self._planar:
+            return self._upright(self._i420((0, 0, self.raw.width, self.raw.height)))
         return self._upright(self.raw.to_ndarray(format="rgb24"))
 
+    def region(self, xyxy) -> tuple[np.ndarray, np.ndarray]:
+        """RGB of the part of the upright frame in `xyxy` (clipped to the frame, its top left moved down to
+        multiples of 8 so that a codec's block grid keeps its place), and that top left in frame pixels. Only that
+        part of a 4:2:0 frame is converted, the same way as `image`: a face's crops cost the face, not the frame."""
+        w, h = self.size
+        x0, y0 = (min(max(0, int(np.floor(v))) // 8 * 8, limit) for v, limit in zip(xyxy[:2], (w, h)))
+        x1, y1 = (min(limit, max(lo, int(np.ceil(v)))) for v, lo, limit in zip(xyxy[2:], (x0, y0), (w, h)))
+        origin = np.array([x0, y0], np.float32)
+        if self._planar and not self.quarter and "image" not in self.__dict__:
+            x1, y1 = x1 + x1 % 2, y1 + y1 % 2   # within the frame: its sides are even
+            return self._i420((x0, y0, x1, y1)), origin
+        return self.image[y0:y1, x0:x1], origin
+
+    @property
+    def _planar(self) -> bool:
+        """A 4:2:0 frame that OpenCV converts (even sides)."""
+        f = self.raw
+        return (isinstance(f, av.VideoFrame) and f.format.name in _I420 and f.width % 2 == 0
+                and f.height % 2 == 0)
+
+    def _planes(self) -> list[np.ndarray]:
+        return [np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:p.height, :p.width] for p in self.raw.planes]
+
+    def _i420(self, rect: tuple[int, int, int, int]) -> np.ndarray:
+        """RGB of the stored frame's even-cornered rectangle (x0, y0, x1, y1)."""
+        x0, y0, x1, y1 = rect
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)
+        h, w = y1 - y0, x1 - x0
+        luma, u, v = self._planes()
+        packed = np.empty((h * 3 // 2, w), np.uint8)   # OpenCV's I420 layout: Y, then U and V, each a block
+        packed[:h] = luma[y0:y1, x0:x1]
+        chroma, q = packed[h:].reshape(-1), (h // 2) * (w // 2)
+        chroma[:q].reshape(h // 2, w // 2)[:] = u[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
+        chroma[q:].reshape(h // 2, w // 2)[:] = v[y0 // 2:y1 // 2, x0 // 2:x1 // 2]
+        return cv2.cvtColor(packed, cv2.COLOR_YUV2RGB_I420)
+
     def scaled(self, scale: float) -> np.ndarray:
-        """RGB, upright, `scale` times the frame's size (bilinear; `scale` <= 1)."""
+        """RGB, upright, `scale` times the frame's size (bilinear; `scale` <= 1). The latest is kept."""
         if scale >= 1:
             return self.image
-        w, h = self.size
-        return self._resized((max(1, round(w * scale)), max(1, round(h * scale))), cv2.INTER_LINEAR)
+        kept = self.__dict__.get("_scaled")
+        if kept is None or kept[0] != scale:
+            w, h = self.size
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            kept = self.__dict__["_scaled"] = (scale, self._resized(size, cv2.INTER_LINEAR))
+        return kept[1]
 
     @cached_property
     def thumbnail(self) -> np.ndarray:
@@ -92,19 +135,19 @@ class VideoFrame:
         """RGB at `size` (width, height, upright). A 4:2:0 frame is resized plane by plane and converted at the
         small size, so the whole frame is never converted."""
         w, h = size if not self.quarter % 2 else size[::-1]   # in stored orientation
-        frame = self.raw
-        if (isinstance(frame, av.VideoFrame) and frame.format.name in _I420 and "image" not in self.__dict__
-                and frame.width % 2 == 0 and frame.height % 2 == 0):
+        if self._planar and "image" not in self.__dict__:
             ew, eh = w + w % 2, h + h % 2   # I420 needs even sides; the extra line is cut off below
-            planes = []
-            for i, (pw, ph) in enumerate(((ew, eh), (ew // 2, eh // 2), (ew // 2, eh // 2))):
-                plane = frame.planes[i]
-                pix = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:plane.height, :plane.width]
-                planes.append(cv2.resize(pix[::step, ::step], (pw, ph), interpolation=interpolation).ravel())
+            planes = [cv2.resize(pix[::step, ::step], dsize, interpolation=interpolation).ravel()
+                      for pix, dsize in zip(self._planes(), ((ew, eh), (ew // 2, eh // 2), (ew // 2, eh // 2)))]
             rgb = cv2.cvtColor(np.concatenate(planes).reshape(eh * 3 // 2, ew), cv2.COLOR_YUV2RGB_I420)[:h, :w]
             return self._upright(rgb)
         image = self.image
         return cv2.resize(image[::step, ::step], size, interpolation=interpolation)
+
+
+# Work the decoding thread does on each frame before handing it over, in parallel with the stages: making the
+# derived images they will ask for (`VideoFrame.thumbnail`, `scaled`), which the frame keeps.
+Prepare = Callable[[VideoFrame], None]
 
 
 @dataclass(frozen=True)
@@ -264,6 +307,7 @@ class Decoder:
     def __init__(self, source: str, queue_size: int = 16, threads: int = 0):
         self.container, self.stream, self.info = open_video(source, threads)
         self.queue_size = queue_size
+        self._prepare: Prepare | None = None
         self.stats = DecodeStats()
         self._stop = threading.Event()
 
@@ -320,6 +364,8 @@ class Decoder:
         try:
             for frame in self._frames():
                 self.stats.frames += 1
+                if self._prepare is not None:
+                    self._prepare(frame)
                 frames.put(frame, self._stop)   # once stopped, the decoding loop ends at its next frame
         except BaseException as e:   # handed to the consumer, which re-raises it
             end = EndOfFrames(e)
@@ -327,9 +373,11 @@ class Decoder:
             self.container.close()
             frames.put(end, self._stop)
 
-    def frames(self) -> Iterator[VideoFrame]:
+    def frames(self, prepare: Prepare | None = None) -> Iterator[VideoFrame]:
         """Decoded frames, in order. Decoding runs ahead by at most `queue_size` frames; closing the iterator stops
-        it. A decoding error is raised here, after the frames before it."""
+        it. A decoding error is raised here, after the frames before it. `prepare` runs on each frame in the
+        decoding thread, before it is handed over (`Prepare`)."""
+        self._prepare = prepare
         frames = FrameQueue(self.queue_size, self.stats)
         thread = threading.Thread(target=self._pump, args=(frames,), name="cafi-decode", daemon=True)
         thread.start()

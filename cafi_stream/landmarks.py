@@ -27,6 +27,10 @@ class FaceLandmarks:
     five: np.ndarray          # (5, 2): right eye, left eye, nose tip, right mouth corner, left mouth corner
     oval: np.ndarray          # (K, 2) face outline polygon, in order
 
+    def shifted(self, offset: np.ndarray) -> "FaceLandmarks":
+        """The same points in a crop whose top left is `offset` in source pixels."""
+        return FaceLandmarks(None if self.mesh is None else self.mesh - offset, self.five - offset, self.oval - offset)
+
 
 def keypoint_landmarks(five: np.ndarray, points: int = 32) -> FaceLandmarks:
     """Landmarks from a detector's 5 points alone. The outline is an ellipse on the eye-to-mouth axis: from one

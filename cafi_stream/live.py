@@ -19,7 +19,8 @@ from typing import Iterator
 
 import av
 
-from .decode import DecodeStats, EndOfFrames, FrameQueue, VideoFrame, open_video, quarter_turns, rotate_tag
+from .decode import (DecodeStats, EndOfFrames, FrameQueue, Prepare, VideoFrame, open_video, quarter_turns,
+                     rotate_tag)
 from .errors import InputError, StreamError
 from .sources import is_url, redact
 
@@ -162,6 +163,7 @@ class LiveDecoder:
         self.opts = options or LiveOptions()
         self.stats = LiveStats()
         self._stop = threading.Event()
+        self._prepare: Prepare | None = None
         self._gen = 0                 # connection generation: frames of an abandoned connection are ignored
         self._t0 = time.monotonic()
         self._queue = FrameQueue(queue_size, self.stats, drop_oldest=True)
@@ -217,6 +219,8 @@ class LiveDecoder:
                 self.stats.rotation = quarter * 90
                 self.stats.frames += 1
                 vf = VideoFrame(self.stats.frames - 1, float(pts), frame, quarter)
+                if self._prepare is not None:
+                    self._prepare(vf)
                 if gen == self._gen:   # frames of an abandoned connection are dropped
                     self._queue.put(vf, self._stop)
         except (av.error.FFmpegError, OSError) as e:
@@ -235,7 +239,9 @@ class LiveDecoder:
     def stop(self) -> None:
         self._stop.set()
 
-    def frames(self) -> Iterator[VideoFrame]:
+    def frames(self, prepare: Prepare | None = None) -> Iterator[VideoFrame]:
+        """As `Decoder.frames`, across reconnections."""
+        self._prepare = prepare
         self._start(self._container)
         self._container = None
         # A connection can stall inside FFmpeg past every timeout: after twice the read deadline without a frame

@@ -27,7 +27,7 @@ from .cascade import IqaScheduler
 from .config import Config
 from .dataset import finalize as finalize_output, read_rows
 from .decode import Decoder, VideoFrame
-from .analyse import Analyser, EndedTrack, FaceAnalysis
+from .analyse import Analyser, EndedTrack, FaceAnalysis, nothing_kept
 from .backend import resolve_device
 from .errors import OutputError
 from .fusion import FusionModel, ranking_fusion, signal_vector
@@ -411,7 +411,7 @@ def process(source: str, cfg: Config, models: Models | None = None, random_dbcnn
         models = Models.load(cfg, random_dbcnn=random_dbcnn)
     try:
         state = _Run(cfg, models, decoder)
-        yield from frame_results(state, decoder.frames(), cfg.decode.max_frames)
+        yield from frame_results(state, decoder.frames(state.analyser.prepare), cfg.decode.max_frames)
         yield from state.finish()
     finally:
         if own_models:
@@ -480,7 +480,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
     error: BaseException | None = None
     try:
         with signals, reporter if reporter is not None else contextlib.nullcontext():
-            for result in frame_results(state, decoder.frames(), cfg.decode.max_frames,
+            for result in frame_results(state, decoder.frames(state.analyser.prepare), cfg.decode.max_frames,
                                         (lambda f: bar.update(1)) if bar else None):
                 with state.timer("write"):
                     writer.deliver(result)
@@ -517,7 +517,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
             summary["faces_kept"] = len(rows)
             summary["identities"] = len({r["identity_id"] for r in rows})
         if summary["faces_kept"] == 0 and reason is None and not interrupted:
-            log.warning("%s", state.analyser.nothing_kept())
+            log.warning("%s", nothing_kept(state.analyser))
         try:
             writer.write_summary(summary)
         except OutputError as e:

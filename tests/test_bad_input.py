@@ -127,3 +127,30 @@ def test_batch_refuses_a_folder_another_batch_is_writing(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         proc = run_cli("batch", VIDEO, "--out", out, *FAST)
     assert_one_line(proc, 2, "another cafi-stream run")
+
+
+def test_every_config_flag_sets_its_config_key():
+    """Each flag is declared once, on its config key (`config.option`): every run, batch and engines flag parses
+    into that key, takes the key's type and choices, and a wrong value is refused by the same parser."""
+    from cafi_stream.cli import build_engines_parser, build_parser, config_overrides
+    from cafi_stream.config import choices, cli_options, load_config
+
+    defaults = load_config()
+    flags = cli_options()
+    assert len(flags) >= 20
+    for section, f in flags:
+        value = getattr(getattr(defaults, section), f.name)
+        options = choices(section, f.name)
+        given = options[-1] if options else {"int": 7, "float": 0.25, "str": "x"}.get(f.type)
+        argv = [f.metadata["flag"]] if f.type == "bool" else [f.metadata["flag"], str(given)]
+        parsers = [build_parser()] + ([] if f.metadata["single"] else [build_parser(batch=True)])
+        parsers += [build_engines_parser()] if f.metadata["engines"] else []
+        for parser in parsers:
+            head = {"cafi-stream": ["in.mp4"], "cafi-stream batch": ["in.mp4", "--out", "o"]}.get(parser.prog, ["build"])
+            overrides = config_overrides(parser.parse_args(head + argv))
+            expected = True if f.type == "bool" else given
+            assert overrides == {section: {f.name: expected}}, (f.metadata["flag"], overrides)
+            assert getattr(getattr(load_config(overrides=overrides), section), f.name) == expected
+        assert type(value).__name__ == f.type
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["in.mp4", "--device", "tpu"])

@@ -79,3 +79,21 @@ def test_flickering_detection_stays_one_track():
         ended += upd.ended
         ids.update(int(t) for t in upd.track_ids)
     assert len(ids) == 1 and ended == []
+
+
+def test_only_tracks_matched_at_the_latest_update_are_found_again_between_updates():
+    """Between full-frame updates, a tracked face is looked for around its latest box (from the update, or from
+    being found again); a track the latest update did not match, or that was lost since, is not looked for."""
+    tracker = FaceTracker(load_config().track, fps=30)
+    for i in range(3):
+        tid = int(tracker.update(box_at(100 + 30 * i), i / 3).track_ids[0])
+    np.testing.assert_allclose(tracker.boxes[tid], [160, 100, 280, 220])
+    tracker.seen(tid, np.array([175, 100, 295, 220], np.float32), 2 / 3 + 0.1)   # found again
+    np.testing.assert_allclose(tracker.boxes[tid], [175, 100, 295, 220])
+    assert tracker.last_seen[tid] == 2 / 3 + 0.1
+    tracker.lost(tid)
+    assert tracker.boxes == {}
+    tracker.update(box_at(190), 1.0)     # matched again
+    np.testing.assert_allclose(tracker.boxes[tid], [190, 100, 310, 220])
+    tracker.update(Detections(), 4 / 3)  # not matched: waits for an update that matches it
+    assert tracker.boxes == {} and tid in tracker.last_seen

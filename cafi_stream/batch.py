@@ -14,6 +14,7 @@ redoes at most the videos that were in progress, and the dataset files are alway
 from __future__ import annotations
 
 import glob
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,9 +28,10 @@ from typing import Callable
 
 from . import __version__
 from .config import Config
-from .dataset import finalize, read_rows
+from .dataset import finalize
+from .rows import FaceRow, read_face_rows, read_jsonl
 from .errors import CafiError, InputError
-from .outdir import IMAGE_DIRS, LIVE_DIR, MANIFEST, METADATA, SUMMARY, OutputDir, atomic_write, writing
+from .outdir import LIVE_DIR, MANIFEST, METADATA, SUMMARY, OutputDir, atomic_write, writing
 from .sources import is_live, is_url, redact, source_stem
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ class Manifest:
     def __init__(self, out_dir: Path):
         self.path = out_dir / MANIFEST
         self.entries: dict[str, dict] = {}
-        for row in read_rows(self.path):
+        for row in read_jsonl(self.path):
             self.entries[row["key"]] = row
 
     def done(self, job: Job, chash: str, videos: Path) -> bool:
@@ -312,7 +314,7 @@ def _run_claimed(out: OutputDir, jobs: list[Job], cfg: Config, chash: str, worke
                 result.summary["out_dir"] = str(final)
                 atomic_write(final / SUMMARY, (json.dumps(result.summary, indent=2) + "\n").encode())
             manifest.record({"key": job.key, "source": job.name, "fingerprint": list(job.fingerprint),
-                             "config": chash, "faces": len(read_rows(final / VIDEO_ROWS)),
+                             "config": chash, "faces": len(read_jsonl(final / VIDEO_ROWS)),
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             done.append(job.source)
             if time.monotonic() - last_merge >= MERGE_INTERVAL:   # the dataset files follow a long batch
@@ -335,19 +337,15 @@ def _run_claimed(out: OutputDir, jobs: list[Job], cfg: Config, chash: str, worke
                            "status": "failed" if j.source in failed else "done" if j.source in done
                            else "skipped" if j.source in skipped else "pending",
                            "error": failed.get(j.source)} for j in jobs],
-               "faces": len(rows), "identities": len({r["identity_id"] for r in rows})}
+               "faces": len(rows), "identities": len({r.identity_id for r in rows})}
     with writing(out.root / SUMMARY):
         atomic_write(out.root / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     out.remove_tree(".work")
     return BatchResult(out.given, done, skipped, failed, summary["faces"], summary["identities"], interrupted)
 
 
-def _merge(out: OutputDir, jobs: list[Job], cfg: Config, exports: tuple[str, ...]) -> list[dict]:
+def _merge(out: OutputDir, jobs: list[Job], cfg: Config, exports: tuple[str, ...]) -> list[FaceRow]:
     """The dataset files from the committed videos, in input order: paths made relative to OUT."""
-    rows = []
-    for job in jobs:
-        for row in read_rows(out.root / "videos" / job.key / VIDEO_ROWS):
-            for _, column, _ in IMAGE_DIRS.values():
-                row[column] = f"videos/{job.key}/{row[column]}"
-            rows.append({"video": job.key, **row})
+    rows = [dataclasses.replace(row.in_folder(f"videos/{job.key}"), video=job.key)
+            for job in jobs for row in read_face_rows(out.root / "videos" / job.key / VIDEO_ROWS)]
     return finalize(out, rows, cfg, exports, title=f"{len(jobs)} videos")

@@ -83,8 +83,14 @@ def signal_vector(serfiq: float, iqa: float | None, capture) -> np.ndarray:
 
 
 def row_signals(row: dict) -> np.ndarray:
-    """`signal_vector` of a `--scores-out` or metadata.jsonl row (its IQA signal only if the face got an IQA call)."""
+    """`signal_vector` of a `--scores-out` or metadata.jsonl line (its IQA signal only if the face got an IQA
+    call)."""
     return signal_vector(row["serfiq"], row["quality"] if row.get("iqa") is not None else None, row.get("capture"))
+
+
+def face_row_signals(row) -> np.ndarray:
+    """The same for a `rows.FaceRow`."""
+    return row_signals({"serfiq": row.serfiq, "quality": row.quality, "iqa": row.iqa, "capture": row.capture})
 
 
 class RunningStats:

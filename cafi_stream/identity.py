@@ -3,16 +3,14 @@ per identity. Works on metadata rows, so a batch can re-cluster finished videos 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import numpy as np
 
-from .fusion import FusionModel, row_signals
+from .fusion import FusionModel, face_row_signals
+from .rows import FaceRow
 from .select import pick_diverse
-
-
-def _track_key(row: dict) -> tuple:
-    return row.get("video", ""), row["track_id"]
 
 
 def cluster(vectors: np.ndarray, threshold: float, cannot: np.ndarray | None = None) -> np.ndarray:
@@ -61,27 +59,25 @@ def cluster(vectors: np.ndarray, threshold: float, cannot: np.ndarray | None = N
     return labels
 
 
-def assign_identities(rows: list[dict], threshold: float) -> None:
-    """Set `identity_id` (1, 2, ... in order of first appearance) on every row. A track is its kept faces' mean
+def assign_identities(rows: list[FaceRow], threshold: float) -> list[FaceRow]:
+    """The rows with `identity_id` set (1, 2, ... in order of first appearance). A track is its kept faces' mean
     embedding; two tracks of one video whose time spans overlap are two people."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    groups: dict[tuple, list[FaceRow]] = defaultdict(list)
     for row in rows:
-        groups[_track_key(row)].append(row)
+        groups[row.track_key].append(row)
     keys = list(groups)
     if not keys:
-        return
-    means = np.stack([np.mean([r["embedding"] for r in groups[k]], axis=0) for k in keys])
+        return []
+    means = np.stack([np.mean([r.embedding for r in groups[k]], axis=0) for k in keys])
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     video = np.array([k[0] for k in keys], dtype=object)
-    start = np.array([groups[k][0].get("track_start", 0.0) for k in keys])
-    end = np.array([groups[k][0].get("track_end", 0.0) for k in keys])
+    start = np.array([groups[k][0].track_start for k in keys])
+    end = np.array([groups[k][0].track_end for k in keys])
     cannot = (video[:, None] == video[None, :]) & (start[:, None] <= end[None, :]) & (start[None, :] <= end[:, None])
     labels = cluster(means, threshold, cannot)
     ids: dict[int, int] = {}
-    for key, label in zip(keys, labels):
-        identity = ids.setdefault(int(label), len(ids) + 1)
-        for row in groups[key]:
-            row["identity_id"] = identity
+    identity = {key: ids.setdefault(int(label), len(ids) + 1) for key, label in zip(keys, labels)}
+    return [dataclasses.replace(row, identity_id=identity[row.track_key]) for row in rows]
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -89,14 +85,14 @@ def _z(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / std if std > 1e-12 else np.zeros_like(x)
 
 
-def identity_scores(rows: list[dict], fusion: str) -> np.ndarray:
+def identity_scores(rows: list[FaceRow], fusion: str) -> np.ndarray:
     """The per-track fusion rule applied over one identity's rows (its z-scores are the identity's)."""
     if fusion == "learned":
-        with_iqa = any(r.get("iqa_model") for r in rows)
-        return FusionModel.load(iqa=with_iqa).scores(np.stack([row_signals(r) for r in rows]))
-    s = np.array([r["serfiq"] for r in rows], np.float64)
+        with_iqa = any(r.iqa_model for r in rows)
+        return FusionModel.load(iqa=with_iqa).scores(np.stack([face_row_signals(r) for r in rows]))
+    s = np.array([r.serfiq for r in rows], np.float64)
     # A face its track kept without an IQA call (the cascade's SER-FIQ fallback) counts as average quality.
-    q = np.array([np.nan if r.get("iqa_model") and r.get("iqa") is None else r["quality"] for r in rows], np.float64)
+    q = np.array([np.nan if r.iqa_model and not r.got_iqa else r.quality for r in rows], np.float64)
     q = np.nan_to_num(q, nan=float(np.nanmean(q)) if np.isfinite(q).any() else 0.0)
     if fusion == "zsum":
         return _z(s) + _z(q)
@@ -105,31 +101,27 @@ def identity_scores(rows: list[dict], fusion: str) -> np.ndarray:
     return q
 
 
-def top_per_identity(rows: list[dict], topk: int, fusion: str, min_gap: float, max_similarity: float,
-                     pose_bins: bool) -> list[dict]:
+def top_per_identity(rows: list[FaceRow], topk: int, fusion: str, min_gap: float, max_similarity: float,
+                     pose_bins: bool) -> list[FaceRow]:
     """The top-k rows of each identity from its tracks' kept rows, under the same diversity rules as a track
     (`min_gap` between faces of one video). Rows keep their order; `rank` becomes the rank in the identity and
     `score` the identity-level score."""
-    by_identity: dict[int, list[dict]] = defaultdict(list)
+    by_identity: dict[int, list[FaceRow]] = defaultdict(list)
     for row in rows:
-        by_identity[row["identity_id"]].append(row)
+        by_identity[row.identity_id].append(row)
 
-    def fits(row: dict, kept: list[dict]) -> bool:
-        return all((row.get("video") != k.get("video") or abs(row["pts_time"] - k["pts_time"]) >= min_gap) and
-                   (max_similarity >= 1 or float(np.dot(row["embedding"], k["embedding"])) <= max_similarity)
+    def fits(row: FaceRow, kept: list[FaceRow]) -> bool:
+        return all((row.video != k.video or abs(row.pts_time - k.pts_time) >= min_gap) and
+                   (max_similarity >= 1 or float(np.dot(row.embedding, k.embedding)) <= max_similarity)
                    for k in kept)
 
-    chosen: dict[int, tuple[int, float]] = {}
+    chosen: dict[int, tuple[int, float]] = {}   # id(row) -> (rank, score)
     for members in by_identity.values():
         scores = identity_scores(members, fusion)
         ranked = [members[i] for i in np.argsort(-scores, kind="stable")]
-        picked = pick_diverse(ranked, topk, fits, (lambda r: r.get("pose", "frontal")) if pose_bins else None)
+        picked = pick_diverse(ranked, topk, fits, (lambda r: r.pose) if pose_bins else None)
         score_of = {id(r): float(s) for r, s in zip(members, scores)}
         for rank, row in enumerate(picked, 1):
             chosen[id(row)] = (rank, score_of[id(row)])
-    out = []
-    for row in rows:
-        if id(row) in chosen:
-            rank, score = chosen[id(row)]
-            out.append(dict(row, rank=rank, score=score))
-    return out
+    return [dataclasses.replace(row, rank=chosen[id(row)][0], score=chosen[id(row)][1]) for row in rows
+            if id(row) in chosen]

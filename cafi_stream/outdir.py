@@ -65,6 +65,42 @@ def is_tmp(name: str) -> bool:
     return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)
 
 
+@contextlib.contextmanager
+def replacing(path: Path):
+    """A temporary path beside `path` for a writer that needs a file name (a Parquet writer); renamed over `path`
+    when the block ends, removed if it fails."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}{TMP_SUFFIX}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+class AppendOnly:
+    """A file this run creates (O_EXCL: a file or a planted link already there is an error, never followed) and
+    only appends to, in whole records: a write cut short (disk full) is cut back to the last whole one."""
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o666)
+
+    def append(self, data: bytes) -> None:
+        size = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it: readers never see half a file, and a
     link at `path` is replaced, never followed."""

@@ -25,7 +25,7 @@ from . import __version__
 from .batching import MicroBatcher
 from .cascade import IqaScheduler
 from .config import Config
-from .dataset import finalize as finalize_output, read_rows
+from .dataset import finalize as finalize_output
 from .decode import Decoder, VideoFrame
 from .analyse import Analyser, EndedTrack, FaceAnalysis, nothing_kept
 from .backend import resolve_device
@@ -35,6 +35,7 @@ from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .models import default_models_dir, resolve_fr_model, sha256_of
 from .outdir import METADATA, OutputDir, atomic_write, check_output_file, writing
+from .rows import read_face_rows
 from .select import Selector, ScoredFace, SerfiqRule, TrackResult
 from .serfiq import SerFiq
 from .sources import is_live, redact, source_stem
@@ -111,6 +112,17 @@ def default_out_dir(source: str) -> Path:
     return Path("cafi_out") / source_stem(source)
 
 
+def ranker_value(method: str, face: ScoredFace) -> float:
+    """A face's quality without an IQA model: a baseline ranker's measure, else SER-FIQ."""
+    if method == "sharpness":
+        return face.sharpness
+    if method == "detector":
+        return face.det_score
+    if method == "random":   # repeatable: seeded by the face's identity in the video
+        return random.Random(f"{face.track_id}:{face.frame_index}").random()
+    return face.serfiq   # "serfiq", and "cafi" with --iqa none
+
+
 class _Run:
     """The state of one run over one source; `handle` is called once per decoded frame.
 
@@ -164,15 +176,6 @@ class _Run:
             return self.iqa(np.stack([f.crops.masked for f in faces])).tolist()
 
     # -- flow
-    def _ranker_value(self, face: ScoredFace) -> float:
-        if self.method == "sharpness":
-            return face.sharpness
-        if self.method == "detector":
-            return face.det_score
-        if self.method == "random":   # repeatable: seeded by the face's identity in the video
-            return random.Random(f"{face.track_id}:{face.frame_index}").random()
-        return face.serfiq   # "serfiq", and "cafi" with --iqa none
-
     def _pump(self, flush: bool = False, ending: int | None = None) -> None:
         for face, (score, emb) in (self.serfiq_batch.flush() if flush else self.serfiq_batch.poll()):
             face = dataclasses.replace(face, serfiq=score, embedding=emb,
@@ -182,7 +185,7 @@ class _Run:
             if self.scores is not None:
                 self.scores.record(face)
             if self.iqa is None:
-                face = dataclasses.replace(face, quality=self._ranker_value(face))
+                face = dataclasses.replace(face, quality=ranker_value(self.method, face))
                 if passes:
                     self.selector.offer(face)
                 if self.scores is not None:
@@ -502,7 +505,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
                     writer.deliver(result)
             writer.close()
             if failed is None and finalize:
-                rows = finalize_output(out, read_rows(out.root / METADATA), cfg, exports, title=name, prune=True)
+                rows = finalize_output(out, read_face_rows(out.root / METADATA), cfg, exports, title=name, prune=True)
         except OutputError as e:
             failed = failed or e
         if decoder.stats.truncated:
@@ -515,7 +518,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
         summary["error"] = redact(str(reason)) if reason is not None else None
         if rows is not None:
             summary["faces_kept"] = len(rows)
-            summary["identities"] = len({r["identity_id"] for r in rows})
+            summary["identities"] = len({r.identity_id for r in rows})
         if summary["faces_kept"] == 0 and reason is None and not interrupted:
             log.warning("%s", nothing_kept(state.analyser))
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .outdir import REPORT, atomic_write
+from .rows import FaceRow
 
 _STYLE = """body{font:13px system-ui,sans-serif;margin:16px;background:#fafafa;color:#222}
 h1{font-size:18px}table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:6px;vertical-align:top}
@@ -26,26 +27,25 @@ def _num(v, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def render(rows: list[dict], title: str = "", by: str = "identity") -> str:
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+def render(rows: list[FaceRow], title: str = "", by: str = "identity") -> str:
+    groups: dict[tuple, list[FaceRow]] = defaultdict(list)
     for row in rows:
-        key = (row.get("identity_id"),) if by == "identity" else (row.get("video", ""), row["track_id"])
-        groups[key].append(row)
+        groups[(row.identity_id,) if by == "identity" else row.track_key].append(row)
     body = []
     for key, members in groups.items():
-        members.sort(key=lambda r: (r["rank"], r.get("video", ""), r["pts_time"]))
+        members.sort(key=lambda r: (r.rank, r.video or "", r.pts_time))
         if by == "identity":
             label = f"identity {key[0]}"
-            detail = f"{len({(r.get('video', ''), r['track_id']) for r in members})} track(s)"
+            detail = f"{len({r.track_key for r in members})} track(s)"
         else:
             label = f"track {key[1]}" + (f" · {key[0]}" if key[0] else "")
-            detail = f"identity {members[0].get('identity_id')}"
+            detail = f"identity {members[0].identity_id}"
         figures = []
         for r in members:
-            where = (f"{r['video']} " if r.get("video") else "") + f"t{r['track_id']} @ {_time(r['pts_time'])}"
-            caption = (f"#{r['rank']} score {_num(r['score'], 2)}<br>SER-FIQ {_num(r['serfiq'])}"
-                       f" · IQA {_num(r.get('iqa'))}<br>{html.escape(where)}")
-            figures.append(f'<figure><img src="{html.escape(quote(r["file_name"]))}" alt="{html.escape(where)}">'
+            where = (f"{r.video} " if r.video else "") + f"t{r.track_id} @ {_time(r.pts_time)}"
+            caption = (f"#{r.rank} score {_num(r.score, 2)}<br>SER-FIQ {_num(r.serfiq)}"
+                       f" · IQA {_num(r.iqa)}<br>{html.escape(where)}")
+            figures.append(f'<figure><img src="{html.escape(quote(r.file_name))}" alt="{html.escape(where)}">'
                            f"<figcaption>{caption}</figcaption></figure>")
         body.append(f"<tr><th>{html.escape(label)}<br><small>{html.escape(detail)}</small></th>"
                     f"<td>{''.join(figures)}</td></tr>")
@@ -56,7 +56,7 @@ def render(rows: list[dict], title: str = "", by: str = "identity") -> str:
             f"<table>{''.join(body)}</table></body></html>\n")
 
 
-def write_report(out_dir: Path, rows: list[dict], title: str = "", by: str = "identity") -> Path:
+def write_report(out_dir: Path, rows: list[FaceRow], title: str = "", by: str = "identity") -> Path:
     path = Path(out_dir) / REPORT
     atomic_write(path, render(rows, title, by).encode())
     return path

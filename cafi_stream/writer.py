@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .errors import OutputError
-from .outdir import (IMAGE_DIRS, LIVE_DIR, METADATA, SUMMARY, OutputDir, atomic_write, image_name, snapshot_name,
-                     writing)
+from .outdir import (IMAGE_DIRS, LIVE_DIR, METADATA, SUMMARY, AppendOnly, OutputDir, atomic_write, image_name,
+                     snapshot_name, writing)
+from .rows import FaceRow, face_rows_text, rounded
 from .select import KeptFace, TrackResult
 
 log = logging.getLogger(__name__)
@@ -32,10 +31,6 @@ def encode_images(context: np.ndarray, aligned: np.ndarray, masked: np.ndarray, 
             "aligned": enc(".png", aligned), "masked": enc(".png", masked)}
 
 
-def _round(values, digits: int = 2) -> list:
-    return np.round(np.asarray(values, np.float64), digits).tolist()
-
-
 class OutputWriter:
     """Writes into a claimed `OutputDir`. `source` is the name to record (credentials already redacted)."""
 
@@ -51,12 +46,11 @@ class OutputWriter:
         for sub in [d for d, _, _ in IMAGE_DIRS.values()] + [LIVE_DIR]:
             out.subdir(sub)
         path = out.inside(METADATA)
-        with writing(path):   # O_EXCL: a file (or a planted link) already there is an error, never followed
-            self._meta: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-                                             0o666)
+        with writing(path):
+            self._meta: AppendOnly | None = AppendOnly(path)
 
     def _rows(self, track_id: int, kept: list[KeptFace], live: bool, span: tuple[float, float],
-              written: list[str]) -> list[dict]:
+              written: list[str]) -> list[FaceRow]:
         """Write the faces' images (once per file name, each name appended to `written` before its write) and
         return their metadata rows."""
         rows = []
@@ -71,17 +65,16 @@ class OutputWriter:
                 for kind, name in names.items():
                     written.append(name)
                     atomic_write(self.out_dir / name, images[kind])
-            row = {IMAGE_DIRS[kind][1]: name for kind, name in names.items()}
-            row.update(
+            rows.append(FaceRow(
+                **{IMAGE_DIRS[kind][1]: name for kind, name in names.items()},
                 source=self.source, track_id=track_id, rank=k.rank, frame_index=f.frame_index,
-                pts_time=round(f.pts_time, 4), bbox=_round(f.bbox), det_score=round(f.det_score, 4),
-                landmarks=_round(f.landmarks), serfiq=float(f.serfiq), iqa_model=self.iqa_name,
+                pts_time=round(f.pts_time, 4), bbox=rounded(f.bbox), det_score=round(f.det_score, 4),
+                landmarks=rounded(f.landmarks), serfiq=float(f.serfiq), iqa_model=self.iqa_name,
                 iqa=None if f.iqa is None else float(f.iqa), quality=float(f.quality), score=float(f.score),
                 sharpness=round(f.sharpness, 2), yaw=round(f.yaw, 3), pose=f.pose,
                 capture=f.measures.as_dict() if f.measures is not None else None,
                 similarity=round(float(similarity), 4) if len(kept) > 1 else None,
-                track_start=round(span[0], 4), track_end=round(span[1], 4), embedding=_round(f.embedding, 6))
-            rows.append(row)
+                track_start=round(span[0], 4), track_end=round(span[1], 4), embedding=rounded(f.embedding, 6)))
         return rows
 
     @property
@@ -102,27 +95,13 @@ class OutputWriter:
             written: list[str] = []
             try:
                 with writing(self.out.given):
-                    lines = "".join(json.dumps(r) + "\n" for r in self._rows(track_id, kept, False, span, written))
-                    self._append(lines.encode())
+                    self._meta.append(face_rows_text(self._rows(track_id, kept, False, span, written)).encode())
             except OutputError:
                 self._discard(written)
                 raise
             self.rows += len(kept)
             self.tracks += 1
         self.drop_snapshot(track_id)
-
-    def _append(self, data: bytes) -> None:
-        """Whole lines or nothing: a write cut short (disk full) is cut back to the last complete row."""
-        size = os.lseek(self._meta, 0, os.SEEK_END)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._meta, view):]
-            os.fsync(self._meta)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._meta, size)
-            raise
 
     def _discard(self, names) -> None:
         for name in names:
@@ -135,8 +114,9 @@ class OutputWriter:
             return
         with writing(self.out.given):
             rows = self._rows(track_id, kept, True, span, [])
-            atomic_write(self.out_dir / snapshot_name(track_id), (json.dumps(rows) + "\n").encode())
-        files = {row[column] for row in rows for _, column, _ in IMAGE_DIRS.values()}
+            atomic_write(self.out_dir / snapshot_name(track_id),
+                         (json.dumps([row.to_json() for row in rows]) + "\n").encode())
+        files = {name for row in rows for name in row.images}
         self._discard(self._snapshots.get(track_id, set()) - files)
         self._snapshots[track_id] = files
 
@@ -155,7 +135,7 @@ class OutputWriter:
 
     def close(self) -> None:
         if self._meta is not None:
-            os.close(self._meta)
+            self._meta.close()
             self._meta = None
 
 
@@ -173,7 +153,7 @@ class ScoresLog:
     def record(self, face) -> None:
         self._tracks.setdefault(face.track_id, {})[face.frame_index] = {
             "frame_index": face.frame_index, "pts_time": round(face.pts_time, 4), "track_id": face.track_id,
-            "bbox": _round(face.bbox), "det_score": round(face.det_score, 4), "sharpness": round(face.sharpness, 2),
+            "bbox": rounded(face.bbox), "det_score": round(face.det_score, 4), "sharpness": round(face.sharpness, 2),
             "yaw": round(face.yaw, 3), "serfiq": float(face.serfiq), "iqa": None, "quality": None,
             "capture": face.measures.as_dict() if face.measures is not None else None}
         self._faces.setdefault(face.track_id, {})[face.frame_index] = face

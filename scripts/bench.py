@@ -101,6 +101,7 @@ def iresnet50_onnx(path: Path) -> Path:
         def forward(self, x):
             return self.body(x) + self.skip(x)
 
+    torch.manual_seed(0)   # the same weights every run: one cached backbone (engines/), not a new 123 MB one a run
     layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)], 64
     for cout, blocks in zip((64, 128, 256, 512), (3, 4, 14, 3)):
         for i in range(blocks):

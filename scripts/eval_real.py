@@ -238,10 +238,12 @@ def per_identity(rows: list[dict], cfg) -> list[dict]:
     from cafi_stream.fusion import ranking_fusion
     from cafi_stream.identity import assign_identities, top_per_identity
 
-    rows = [dict(r) for r in rows]
-    assign_identities(rows, cfg.identity.threshold)
-    return top_per_identity(rows, cfg.output.topk, ranking_fusion(cfg.rank, any(r.get("iqa_model") for r in rows)),
+    from cafi_stream.rows import FaceRow
+
+    rows = assign_identities([FaceRow.from_json(r) for r in rows], cfg.identity.threshold)
+    kept = top_per_identity(rows, cfg.output.topk, ranking_fusion(cfg.rank, any(r.iqa_model for r in rows)),
                             cfg.output.min_gap, cfg.diversity.max_similarity, cfg.diversity.pose_bins)
+    return [r.to_json() for r in kept]
 
 
 def cut_errors(summary_cuts: list[int], truth: dict, tolerance: int = 2) -> dict:

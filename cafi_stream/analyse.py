@@ -30,6 +30,12 @@ from .select import ScoredFace, pose_bin
 from .track import FaceTracker
 
 
+# Least IoU between a face's box and the face found again on a crop around it: in the same frame (keypoints
+# refined), and a sample interval later (a tracked face between full-frame detections).
+REFINE_IOU = 0.5
+REVISIT_IOU = 0.3
+
+
 class FaceAnalysis:
     """A detector and where the landmarks come from. With `min_face` (source pixels), frames are read at the
     scale that finds faces of that size (`detect.face_px`), not smaller ones."""
@@ -99,7 +105,7 @@ class FaceAnalysis:
             return self.mesher(frame.image, dets.xyxy[i])
         five = dets.five[i]
         if refine and self.refine_px and dets.side[i] * self.scale(frame, fine) < self.refine_px:
-            found = self.around(frame, dets.xyxy[i:i + 1], min_iou=0.5)[0]
+            found = self.around(frame, dets.xyxy[i:i + 1], min_iou=REFINE_IOU)[0]
             five = found.five[0] if len(found) else five
         return keypoint_landmarks(five)
 
@@ -161,8 +167,6 @@ class Analysed:
 
 Found = tuple[int, Detections, int, bool]   # track id, a frame's detections, the face's index, found again around it
 
-# Least IoU between a tracked face's latest box and the face found again around it a sample interval later.
-REVISIT_IOU = 0.3
 
 
 class Analyser:

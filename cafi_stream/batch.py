@@ -13,8 +13,8 @@ redoes at most the videos that were in progress, and the dataset files are alway
 
 from __future__ import annotations
 
-import glob
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -29,9 +29,9 @@ from typing import Callable
 from . import __version__
 from .config import Config
 from .dataset import finalize
-from .rows import FaceRow, read_face_rows, read_jsonl
 from .errors import CafiError, InputError
 from .outdir import LIVE_DIR, MANIFEST, METADATA, SUMMARY, OutputDir, atomic_write, writing
+from .rows import FaceRow, read_face_rows, read_jsonl
 from .sources import is_live, is_url, redact, source_stem
 
 log = logging.getLogger(__name__)

@@ -96,7 +96,7 @@ class RankConfig:
 @dataclass
 class DiversityConfig:
     max_similarity: float = option("--max-similarity", "largest embedding cosine between two kept faces of a "
-                                                                     "track (1: off)", group="dataset")
+                                   "track (1: off)", group="dataset")
     pose_bins: bool = option("--pose-bins", "keep the best frontal, left and right face of a track first",
                               group="dataset")
     frontal_yaw: float
@@ -105,7 +105,7 @@ class DiversityConfig:
 @dataclass
 class IdentityConfig:
     threshold: float = option("--identity-threshold", "least average embedding cosine between two tracks of "
-                                                                   "one identity", group="dataset")
+                              "one identity", group="dataset")
     per: str = option("--per", "keep the top-k per track or per identity", group="dataset")
 
 
@@ -119,7 +119,7 @@ class IqaConfig:
 @dataclass
 class CascadeConfig:
     exhaustive: bool = option("--exhaustive", "score every eligible face with the IQA model (slow; the "
-                                                          "cascade's reference)")
+                              "cascade's reference)")
     min_det_score: float
     max_yaw: float
     min_sharpness: float
@@ -138,7 +138,7 @@ class LiveConfig:
     open_timeout: float = option("--open-timeout", "seconds a connection may take to open", group="live")
     read_timeout: float = option("--read-timeout", "seconds without data before reconnecting", group="live")
     reconnect_max: int = option("--reconnect-max", "failed connection attempts in a row before exiting with "
-                                                           "code 3 (-1: unlimited)", group="live")
+                                "code 3 (-1: unlimited)", group="live")
     backoff_initial: float
     backoff_max: float
     queue_size: int
@@ -150,9 +150,9 @@ class LiveConfig:
 class RuntimeConfig:
     device: str = option("--device", "where torch and ONNX Runtime run", engines=True)
     backend: str = option("--backend", "inference backend for the scoring networks (auto: the fastest "
-                                                  "available)", engines=True)
+                          "available)", engines=True)
     models_dir: str = option("--models-dir", "where model files are found and downloaded to (\"\": "
-                                                        "$CAFI_MODELS_DIR, else ~/.cache/cafi-stream/models)", engines=True)
+                             "$CAFI_MODELS_DIR, else ~/.cache/cafi-stream/models)", engines=True)
     pool_factor: int
     max_batch: int
     max_wait_ms: float

@@ -77,14 +77,18 @@ class VideoFrame:
     def region(self, xyxy) -> tuple[np.ndarray, np.ndarray]:
         """RGB of the part of the upright frame in `xyxy` (clipped to the frame, its top left moved down to
         multiples of 8 so that a codec's block grid keeps its place), and that top left in frame pixels. Only that
-        part of a 4:2:0 frame is converted, the same way as `image`: a face's crops cost the face, not the frame."""
+        part of a 4:2:0 frame is converted, the same way as `image`: a face's crops cost the face, not the frame.
+        The latest is kept (a face's keypoint crop and its scoring crops read the same part)."""
         w, h = self.size
         x0, y0 = (min(max(0, int(np.floor(v))) // 8 * 8, limit) for v, limit in zip(xyxy[:2], (w, h)))
         x1, y1 = (min(limit, max(lo, int(np.ceil(v)))) for v, lo, limit in zip(xyxy[2:], (x0, y0), (w, h)))
         origin = np.array([x0, y0], np.float32)
         if self._planar and not self.quarter and "image" not in self.__dict__:
-            x1, y1 = x1 + x1 % 2, y1 + y1 % 2   # within the frame: its sides are even
-            return self._i420((x0, y0, x1, y1)), origin
+            rect = (x0, y0, x1 + x1 % 2, y1 + y1 % 2)   # within the frame: its sides are even
+            kept = self.__dict__.get("_region")
+            if kept is None or kept[0] != rect:
+                kept = self.__dict__["_region"] = (rect, self._i420(rect))
+            return kept[1], origin
         return self.image[y0:y1, x0:x1], origin
 
     @property

@@ -219,9 +219,9 @@ class LiveDecoder:
                 self.stats.rotation = quarter * 90
                 self.stats.frames += 1
                 vf = VideoFrame(self.stats.frames - 1, float(pts), frame, quarter)
-                if self._prepare is not None:
-                    self._prepare(vf)
                 if gen == self._gen:   # frames of an abandoned connection are dropped
+                    if self._prepare is not None:
+                        self._prepare(vf)
                     self._queue.put(vf, self._stop)
         except (av.error.FFmpegError, OSError) as e:
             if not self._stop.is_set() and gen == self._gen:

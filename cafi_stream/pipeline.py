@@ -126,9 +126,9 @@ def ranker_value(method: str, face: ScoredFace) -> float:
 class _Run:
     """The state of one run over one source; `handle` is called once per decoded frame.
 
-    Per frame: detect (every `stride` frames) -> track -> cheap gates -> landmarks/crops -> SER-FIQ micro-batch
-    -> SER-FIQ rule -> IQA scheduler -> IQA micro-batch -> top-k pools. A track that ends first drains what is
-    pending for it, then is handed on as a `TrackResult`.
+    Per frame: detect (the whole frame every `stride` frames, crops around due faces between) -> track -> cheap
+    gates -> landmarks/crops -> SER-FIQ micro-batch -> SER-FIQ rule -> IQA scheduler -> IQA micro-batch -> top-k
+    pools. A track that ends first drains what is pending for it, then is handed on as a `TrackResult`.
     """
 
     def __init__(self, cfg: Config, models: Models, decoder: Decoder, scores_out: Path | None = None):

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 # The face detectors' files (SCRFD, YuNet) are read from the shared models, as a site's model store.
 os.environ.setdefault("CAFI_MODEL_PATH", str(ROOT.parent / "shared" / "data" / "models" / "optional"))
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from cafi_stream.cli import config_overrides, build_parser  # noqa: E402
 from cafi_stream.config import load_config  # noqa: E402
 from cafi_stream.decode import Decoder  # noqa: E402
+from cafi_stream.detect import box_iou  # noqa: E402
 
 
 def upscale(video: str, height: int, out_dir: Path) -> str:
@@ -65,11 +68,7 @@ def decode_fps(video: str, rgb: bool = False) -> float:
 
 
 def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return float(box_iou(np.array([a], np.float32), np.array([b], np.float32))[0, 0])
 
 
 def topk_overlap(reference: list[dict], rows: list[dict], tolerance: float) -> dict:

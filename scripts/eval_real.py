@@ -157,16 +157,12 @@ def build_video(clip_list: list[Path], path: Path, seed: int = 0) -> dict:
     return truth
 
 
-DETECT: dict = {}   # [detect] overrides for the pipeline's runs (--detector, --landmarks)
-
-
-OVERLAY: dict = {}   # --config: [section] overrides on top of the evaluation's own
+OVERLAY: dict = {}   # [section] overrides for every pipeline run (--config, then --detector and --landmarks)
 
 
 def base_config(topk: int = TOPK) -> dict:
     return merged({"iqa": {"name": "piqe"}, "fr": {"model": str(FR_MODEL)},
-                   "output": {"topk": topk, "min_gap": MIN_GAP}, "cascade": {"exhaustive": True},
-                   "detect": dict(DETECT)}, OVERLAY)
+                   "output": {"topk": topk, "min_gap": MIN_GAP}, "cascade": {"exhaustive": True}}, OVERLAY)
 
 
 def merged(base: dict, overrides: dict) -> dict:
@@ -340,7 +336,7 @@ def readme_table(result: dict) -> str:
         lines.append(f"| `{name}` | {r['clean_per_track']} | {r['clean_per_identity']} | "
                      + " | ".join(str(auc.get(k, "")) for k in kinds) + " |")
     v, c, u = result["video"], result["cuts"], result["utility"]
-    lines += ["", f"Report clips only ({len(v['clips'])} clips, {v['frames']} frames, {v['clean_share']:.0%} clean, "
+    lines += ["", f"{v.get('people', 'report').capitalize()} clips only ({len(v['clips'])} clips, {v['frames']} frames, {v['clean_share']:.0%} clean, "
                   f"top-{TOPK}, min gap {MIN_GAP} s, IQA: PIQE, detector "
                   f"{result['detect']['model']}, landmarks {result['detect']['landmarks']}). Columns after the clean shares: within-person AUC "
                   "per degradation kind.",
@@ -367,23 +363,28 @@ def main(argv=None) -> int:
                    help="which people to run on: fit (to choose a setting) or report (default)")
     p.add_argument("--no-utility", action="store_true", help="skip the utility check")
     args = p.parse_args(argv)
-    DETECT.update({k: v for k, v in (("model", args.detector), ("landmarks", args.landmarks)) if v})
+    if args.readme and args.clips != "report":
+        p.error("--readme publishes the report clips' figures: not with --clips fit")
     if args.config:
         import tomllib
 
         OVERLAY.update(tomllib.loads(Path(args.config).read_text()))
+    OVERLAY.setdefault("detect", {}).update(
+        {k: v for k, v in (("model", args.detector), ("landmarks", args.landmarks)) if v})
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rankers = {k: RANKERS[k] for k in (args.rankers.split(",") if args.rankers else RANKERS)}
     t0 = time.perf_counter()
-    report_clips = clips(args.clips)
+    people = clips(args.clips)
     video = out / "runs" / "real_video.mp4"
-    truth = build_video(report_clips, video, args.seed)
+    truth = build_video(people, video, args.seed)
     (out / "runs" / "truth.json").write_text(json.dumps(truth))
     result = evaluate(video, truth, out / "runs", rankers)
-    result["video"] = {"clips": [c.name for c in report_clips], "frames": len(truth["frames"]), "seed": args.seed,
+    other = "fit" if args.clips == "report" else "report"
+    result["video"] = {"clips": [c.name for c in people], "frames": len(truth["frames"]), "seed": args.seed,
                        "clean_share": sum(f["kind"] == "clean" for f in truth["frames"]) / len(truth["frames"]),
-                       "people": args.clips, "overlay": OVERLAY}
+                       "people": args.clips, f"{other}_clips_never_used_here": [c.name for c in clips(other)],
+                       "overlay": OVERLAY}
     from cafi_stream.config import load_config
 
     detect = load_config(overrides=base_config()).detect

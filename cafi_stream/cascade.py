@@ -48,8 +48,8 @@ class _Queued:
 class IqaScheduler:
     """Chooses which SER-FIQ-passing faces get an IQA call.
 
-    - Within one `window` (seconds) of a track only the face with the best proxy (measures.detail: noise-robust sharpness) is a candidate: the
-      others are near-duplicates in time, and at most one face per `min_gap` window can be kept anyway.
+    - Within one `window` (seconds) of a track only the face with the best proxy (select.Selector.proxy) is a
+      candidate: the others are near-duplicates in time, and at most one face per `min_gap` window can be kept.
     - Candidates wait in a priority queue; a token bucket refilled at `budget` calls per second of video (up to
       `burst`) decides how many are scored. Stale candidates (older than `max_age` seconds) are dropped.
     - `could_enter(item)` lets the caller veto candidates that cannot enter their track's top-k.

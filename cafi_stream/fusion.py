@@ -55,6 +55,7 @@ SIGNALS = (
     Signal("blockiness", lambda m: _log(m["blockiness"] - 1.0, -1.0), "minus log excess 8x8 grid steps", True),
     Signal("uniformity", lambda m: m["illumination_uniformity"], "darker / brighter half of the face"),
     Signal("frontal", lambda m: -abs(m["yaw"]), "minus |yaw|"),
+    Signal("eye_span", lambda m: m["eye_span"], "eye distance over eye-to-mouth height (a turn shortens it)"),
 )
 NAMES = tuple(s.name for s in SIGNALS)
 

@@ -41,6 +41,7 @@ class CaptureMeasures:
     noise: float                # Immerkær's noise sigma of the inner face, in 8-bit levels
     blockiness: float           # luma steps across the 8x8 grid / steps inside blocks (1: none)
     yaw: float                  # nose offset along the eye line, in eye distances (0: frontal)
+    eye_span: float             # eye distance / eye-to-mouth height (a turn, or a face seen aslant, shortens it)
     pitch: float                # nose height between eye and mouth lines, minus the frontal value
     roll: float                 # angle of the eye line, degrees
     eyes_open: float | None     # mean eye aspect ratio (about 0.25-0.35 open, under 0.15 closed); None: no mesh
@@ -111,32 +112,40 @@ def noise_sigma(inner: np.ndarray) -> float:
     return float(response[flat].mean() * math.sqrt(math.pi / 2) / 6)
 
 
+def _grid_ratio(steps: np.ndarray) -> float:
+    """Mean step at the strongest of the 8 grid phases over the mean step at the other 7 (`steps`: absolute
+    differences along the last axis; the phase of column j is j % 8)."""
+    n = steps.shape[-1] // 8 * 8
+    per_phase = steps[..., :n].reshape(-1, n // 8, 8).mean(axis=(0, 1))
+    k = int(np.argmax(per_phase))
+    return float((per_phase[k] + 1.0) / (np.delete(per_phase, k).mean() + 1.0))
+
+
 def blockiness(frame: np.ndarray, box: np.ndarray, max_side: int = 128) -> float:
-    """Mean absolute luma step across the frame's 8x8 block boundaries over the step inside blocks, in the central
-    part of the face box (at most `max_side` pixels a side, in source pixels so that the codec's grid holds)."""
+    """Blocking of a block codec: the mean absolute luma step across an 8x8 grid over the step inside its blocks,
+    in the central part of the face box (at most `max_side` pixels a side, in source pixels, so that the grid
+    holds), mean of the horizontal and vertical ratios (1: none). The grid's phase is found, not assumed: a stream
+    cropped or a picture pasted after its encoding has its blocks off the frame's grid."""
     h, w = frame.shape[:2]
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     half = min((box[2] - box[0]) / 2, max_side / 2)
-    x0, y0 = max(0, int(cx - half)) // 8 * 8, max(0, int(cy - half)) // 8 * 8
+    x0, y0 = max(0, int(cx - half)), max(0, int(cy - half))
     x1, y1 = min(w, int(cx + half)), min(h, int(cy + half))
     if x1 - x0 < 24 or y1 - y0 < 24:
         return 1.0
     y = luma(np.ascontiguousarray(frame[y0:y1, x0:x1])).astype(np.float32)
-    dx, dy = np.abs(np.diff(y, axis=1)), np.abs(np.diff(y, axis=0))
-    # diff column j is the step between pixels j and j+1: a block edge when (x0 + j + 1) % 8 == 0
-    edge_x, edge_y = (np.arange(dx.shape[1]) + 1) % 8 == 0, (np.arange(dy.shape[0]) + 1) % 8 == 0
-    across = (dx[:, edge_x].sum() + dy[edge_y].sum()) / max(1, dx[:, edge_x].size + dy[edge_y].size)
-    inside = (dx[:, ~edge_x].sum() + dy[~edge_y].sum()) / max(1, dx[:, ~edge_x].size + dy[~edge_y].size)
-    return float((across + 1.0) / (inside + 1.0))
+    return (_grid_ratio(np.abs(np.diff(y, axis=1))) + _grid_ratio(np.abs(np.diff(y, axis=0)).T)) / 2
 
 
-def head_pose(five: np.ndarray) -> tuple[float, float, float]:
-    """(yaw, pitch, roll) from the five points: yaw and pitch as ratios (0: frontal), roll in degrees."""
+def head_pose(five: np.ndarray) -> tuple[float, float, float, float]:
+    """(yaw, pitch, roll, eye span) from the five points: yaw and pitch as ratios (0: frontal), roll in degrees,
+    eye span the eye distance over the eye-to-mouth height (foreshortened by a turn even where the nose stays
+    between the eyes; person-dependent, so compared within a track)."""
     eye_r, eye_l, nose, mouth_r, mouth_l = np.asarray(five, np.float64)
     axis = eye_l - eye_r
     dist = float(np.hypot(*axis))
     if dist <= 0:
-        return math.inf, math.inf, 0.0
+        return math.inf, math.inf, 0.0, 0.0
     ux = axis / dist
     uy = np.array([-ux[1], ux[0]])   # down the face, in image coordinates
     eye_mid, mouth_mid = (eye_r + eye_l) / 2, (mouth_r + mouth_l) / 2
@@ -144,7 +153,7 @@ def head_pose(five: np.ndarray) -> tuple[float, float, float]:
     height = float(np.dot(mouth_mid - eye_mid, uy))
     pitch = float(np.dot(nose - eye_mid, uy) / height - _FRONTAL_PITCH) if height > 0 else math.inf
     roll = math.degrees(math.atan2(axis[1], axis[0]))
-    return yaw, pitch, roll
+    return yaw, pitch, roll, (dist / height if height > 0 else 0.0)
 
 
 def eye_aspect_ratio(mesh: np.ndarray, idx: tuple[int, ...]) -> float:
@@ -171,11 +180,11 @@ def measure(frame: np.ndarray, box: np.ndarray, aligned: np.ndarray, five: np.nd
     inner = _region(gray, *_INNER)
     smooth = smoothed(gray)
     mean, std, under, over, dyn = exposure(inner)
-    yaw, pitch, roll = head_pose(five)
+    yaw, pitch, roll, span = head_pose(five)
     eyes, mouth = openness(mesh)
     return CaptureMeasures(
         luminance_mean=mean, luminance_std=std, under_exposure=under, over_exposure=over, dynamic_range=dyn,
         illumination_uniformity=uniformity(inner),
         sharpness=sharpness(aligned), detail=detail(smooth), feature_detail=feature_detail(smooth),
-        noise=noise_sigma(inner), blockiness=blockiness(frame, box), yaw=yaw, pitch=pitch, roll=roll,
-        eyes_open=eyes, mouth_open=mouth)
+        noise=noise_sigma(inner), blockiness=blockiness(frame, box), yaw=yaw, eye_span=span, pitch=pitch,
+        roll=roll, eyes_open=eyes, mouth_open=mouth)

@@ -154,7 +154,7 @@ class _Run:
         self.scheduler = IqaScheduler(c.iqa_budget, c.iqa_burst, window=max(c.iqa_window, cfg.output.min_gap),
                                       max_age=c.max_age,
                                       exhaustive=c.exhaustive,
-                                      could_enter=lambda f: self.selector.could_enter(f.track_id, f.proxy))
+                                      could_enter=self.selector.could_enter)
         rt = cfg.runtime
         # Files wait for a batch in video time, so batches (and any float differences between batch sizes) are the
         # same on every run and machine; live streams wait in wall time, which bounds their latency.
@@ -195,7 +195,7 @@ class _Run:
             if not (passes or self.exhaustive or self.selector.fusion != "filter"):
                 continue
             if not self.exhaustive:
-                face = dataclasses.replace(face, score=score)
+                face = dataclasses.replace(face, score=score, proxy=self.selector.proxy(face))
                 self.selector.offer_fallback(face)
             self.scheduler.submit(face.track_id, face.pts_time, face.proxy, face)
         if self.iqa is None:

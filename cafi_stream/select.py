@@ -12,9 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from .fusion import FusionModel, RunningStats
+from .fusion import NAMES, FusionModel, RunningStats
 
 _BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
+_IQA = NAMES.index("iqa")
 
 
 @dataclass(frozen=True, eq=False)   # pools hold faces by identity; numpy fields make field equality meaningless
@@ -32,7 +33,7 @@ class ScoredFace:
     iqa: float | None         # raw metric value (None when IQA is off or was not spent on this face)
     score: float              # ranking key, higher is better (set by the Selector from `quality`)
     sharpness: float = 0.0    # Laplacian variance of the aligned face (the `sharpness` baseline ranks by it)
-    proxy: float = 0.0        # cheap quality proxy the cascade ranks IQA candidates by (measures.detail)
+    proxy: float = 0.0        # cheap quality proxy the cascade ranks IQA candidates by (Selector.proxy)
     yaw: float = 0.0
     crops: object = None      # align.FaceCrops, encoded only if the face is written
     quality: float = 0.0      # the ranker's measure, higher is better (oriented IQA for cafi)
@@ -174,6 +175,7 @@ class Selector:
         self.pools: dict[int, TrackPool] = {}
         # Ranked by SER-FIQ: a track's answer when its IQA budget never reached it.
         self.fallback: dict[int, TrackPool] = {}
+        self.seen: dict[int, RunningStats] = {}   # per track: the signals of every face before its IQA call
 
     def _pool(self, track_id: int) -> TrackPool:
         pool = self.pools.get(track_id)
@@ -205,11 +207,31 @@ class Selector:
             pool = self.fallback[face.track_id] = TrackPool(self.capacity, self.min_gap, self.pose_bins)
         return pool.offer(face)
 
-    def could_enter(self, track_id: int, proxy: float) -> bool:
-        """False when the track already holds top-k faces that all beat `proxy` on the cheap proxy."""
-        pool = self.pools.get(track_id)
+    def proxy(self, face: ScoredFace) -> float:
+        """The cascade's proxy for a face scored by SER-FIQ and not yet by IQA: with the learned fusion, its fused
+        score with the IQA signal at the track's typical value, against every such face of its track so far (a
+        noisy face's detail is high, its fused score is not); otherwise the face's own proxy (`detail`)."""
+        if self.fusion != "learned":
+            return face.proxy
+        stats = self.seen.setdefault(face.track_id, RunningStats())
+        stats.add(face.signals)
+        return self._before_iqa(face.signals, stats)
+
+    def _before_iqa(self, signals: np.ndarray, stats: RunningStats) -> float:
+        return self.model.score(np.where(np.arange(len(signals)) == _IQA, np.nan, signals), stats)
+
+    def could_enter(self, face: ScoredFace) -> bool:
+        """False when the face's track already holds top-k faces that all beat it on the proxy. With the learned
+        fusion both sides are scored now, on the track's statistics so far: proxies from different moments of a
+        track are not comparable."""
+        pool = self.pools.get(face.track_id)
         faces = sorted(pool.faces, key=lambda f: -f.score)[:self.topk] if pool is not None else []
-        return len(faces) < self.topk or proxy > min(f.proxy for f in faces)
+        if len(faces) < self.topk:
+            return True
+        if self.fusion != "learned":
+            return face.proxy > min(f.proxy for f in faces)
+        stats = self.seen.get(face.track_id) or RunningStats()
+        return self._before_iqa(face.signals, stats) > min(self._before_iqa(f.signals, stats) for f in faces)
 
     def passes(self, track_id: int, serfiq: float) -> bool:
         """Record a face's SER-FIQ score; True when it passes the track's threshold (and is worth an IQA call)."""
@@ -229,6 +251,7 @@ class Selector:
         kept = self.peek(track_id)
         self.pools.pop(track_id, None)
         self.fallback.pop(track_id, None)
+        self.seen.pop(track_id, None)
         return kept
 
     def peek(self, track_id: int) -> list[KeptFace]:

@@ -41,6 +41,9 @@ from cafi_stream import degrade  # noqa: E402
 W, H, FPS = 960, 540, 30
 PATCH = 240          # face patch side in the video (the face box is about half of it)
 CLEAN_SHARE = 0.4    # share of clean face-frames
+# The people this evaluation reports on. The fusion is never fitted on them: scripts/fit_fusion.py builds its cards
+# from the other people of ../shared/data/real/faces.
+PHOTOS = SHARED / "faces"
 
 # Rankers: name -> config overrides. "cafi" is the default configuration's rule.
 RANKERS = {
@@ -57,15 +60,16 @@ RANKERS = {
 }
 
 
-def _faces() -> dict[str, np.ndarray]:
-    """Square face patches (PATCH px, RGB) from the single-person photos, centred on the detected face."""
+def _faces(photos: Path) -> dict[str, np.ndarray]:
+    """Square face patches (PATCH px, RGB) from the single-person photos in `photos`, centred on the detected
+    face."""
     import cv2
 
     from cafi_stream.analyse import FaceAnalysis
 
     det = FaceAnalysis.configured(model=CARD_DETECTOR)
     out = {}
-    for path in sorted((SHARED / "faces").iterdir()):
+    for path in sorted(photos.iterdir()):
         if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or path.name.startswith("multi_"):
             continue
         img = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
@@ -97,17 +101,18 @@ def _backgrounds(n: int, rng) -> list[np.ndarray]:
     return [frames[i] for i in rng.permutation(len(frames))[:n]]
 
 
-def build_video(out_dir: Path, segments: int, seconds: float, seed: int) -> tuple[Path, dict]:
-    """The test video and its ground truth."""
+def build_video(out_dir: Path, segments: int, seconds: float, seed: int, photos: Path = PHOTOS,
+                name: str = "eval_video") -> tuple[Path, dict]:
+    """The test video (`out_dir/<name>.mp4`) and its ground truth, with the people of `photos`."""
     import av
 
     rng = np.random.default_rng(seed)
-    faces = _faces()
+    faces = _faces(photos)
     names = sorted(faces)
     backgrounds = _backgrounds(segments, rng)
     truth = {"fps": FPS, "size": [W, H], "segments": segments, "seconds_per_segment": seconds, "seed": seed,
              "kinds": list(degrade.KINDS), "faces": []}
-    path = out_dir / "eval_video.mp4"
+    path = out_dir / f"{name}.mp4"
     per_seg = int(seconds * FPS)
     with av.open(str(path), "w") as out:
         st = out.add_stream("libx264", rate=FPS, options={"crf": "16", "preset": "veryfast"})
@@ -144,7 +149,7 @@ def build_video(out_dir: Path, segments: int, seconds: float, seed: int) -> tupl
     return path, truth
 
 
-def _truth_index(truth: dict) -> dict[int, list[dict]]:
+def truth_index(truth: dict) -> dict[int, list[dict]]:
     index: dict[int, list[dict]] = {}
     for f in truth["faces"]:
         index.setdefault(f["frame"], []).append(f)
@@ -208,7 +213,7 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict, topk: int, 
     base = {"iqa": {"name": "piqe"}, "fr": {"model": str(SHARED / "models" / "mobilefacenet_paddlex_128d.onnx")},
             "output": {"topk": topk, "min_gap": min_gap}, "cascade": {"exhaustive": True}}
     models = Models.load(load_config(overrides=base))
-    index = _truth_index(truth)
+    index = truth_index(truth)
     results = {}
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     for name, overrides in rankers.items():

@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
-"""Fit the learned fusion (cafi_stream/fusion.json) on the FIT clips only; prints the fit's own figures.
+"""Fit the learned fusion (cafi_stream/fusion.json) on fit people only; prints the fit's own figures.
 
     scripts/fit_fusion.py [--work DIR] [--write]
 
-Which people: eval_real.clips("fit"): the voxceleb2 clips at even positions in sorted order (7 clips of 6 people),
-lia_vox_driving1, retalking_face1 and retalking_face2. scripts/eval_real.py reports on the other clips, whose
-people are never seen here.
+Which people, in two data families that weigh the same in the loss:
+- real video: eval_real.clips("fit"), the voxceleb2 clips at even positions in sorted order (7 clips of 6 people),
+  lia_vox_driving1, retalking_face1 and retalking_face2. scripts/eval_real.py reports on the other clips;
+- cards: eval_selection's synthetic degradations of the photos of the 25 people of ../shared/data/real/faces.
+  scripts/eval_selection.py reports on the 6 people of ../shared/data/faces.
+Neither evaluation's people are ever seen here.
 
-Data: eval_real's test video built from the fit clips with SEEDS (each seed draws other degradations for every
-clip), run through the real pipeline with --exhaustive and --scores-out, so every face has every signal. Per
-track the signals are standardised over the track, as the Selector does at the end of a track.
+Data: each family's test videos (real: eval_real's, one per seed in SEEDS, each drawing other degradations; cards:
+eval_selection's, CARD_SEEDS), run through the real pipeline with --exhaustive and --scores-out, so every face has
+every signal. Per track the signals are standardised over the track, as the Selector does at the end of a track.
 
 Model (cafi_stream/fusion.py): score = sum_i w_i * feature_i, w on the capped simplex (a floor <= w_i <= CAP for
 SER-FIQ and IQA, 0 <= w_i <= CAP for the others, sum 1). The absolute signals' thresholds are the 5th percentile
 of clean fit faces, their scales the clean faces' standard deviation. The weights are fitted by projected gradient
 descent on the pairwise logistic loss of (clean, degraded) face pairs within a track, each (track, degradation
-kind) weighing the same;
-tau and SER-FIQ's floor are chosen by leave-one-person-out cross-validation within the fit clips (the best
-worst-kind AUC). Two weight
-sets are fitted: with the IQA signal, and without it (for --iqa none).
+kind) weighing the same within its family; tau and SER-FIQ's floor are chosen by cross-validation over fit people
+(FOLDS groups held out in turn: the best worst-kind AUC). Two weight sets are fitted: with the IQA signal, and
+without it (for --iqa none).
 """
 
 from __future__ import annotations
@@ -40,11 +42,17 @@ import eval_real  # noqa: E402
 from cafi_stream.fusion import ABSOLUTE, NAMES, PARAMS, FusionModel, row_signals, standardise  # noqa: E402
 
 SEEDS = (10, 11)
+# Cards (scripts/eval_selection.py's synthetic degradations of face photos) of the 25 people of
+# ../shared/data/real/faces; eval_selection.py reports on the people of ../shared/data/faces, never seen here.
+CARD_SEEDS = (20,)
+CARD_SEGMENTS = 16
+CARD_PHOTOS = eval_real.SHARED / "real" / "faces"
 CAP = 0.3
 TAUS = (0.5, 1.0, 2.0)
+FOLDS = 5   # cross-validation folds of fit people
 SERFIQ_FLOORS = (0.1,)   # SER-FIQ's least weight, chosen with tau (0.2 was worse for every tau); IQA's is IQA_FLOOR
 IQA_FLOOR = 0.1
-VERSION = "3"   # 3: fitted on the default front end (SCRFD keypoints and their ellipse mask)
+VERSION = "4"   # 4: fitted on real video and cards of other people; phase-free blockiness; eye span
 
 
 def front_end() -> dict:
@@ -55,34 +63,55 @@ def front_end() -> dict:
     return {"detector": detect.model, "landmarks": detect.landmarks}
 
 
-def collect(work: Path) -> list[dict]:
-    """Per fit track: raw signals (faces x signals), clean labels, identity."""
+def _scored(work: Path, name: str, build, models: list) -> tuple[list[dict], dict]:
+    """The scored rows and ground truth of fit video `name`, built and run through the real pipeline
+    (`--exhaustive --scores-out`) once; later calls read them back."""
     from cafi_stream.config import load_config
     from cafi_stream.pipeline import Models
 
+    scores, truth_path = work / f"{name}.scores.jsonl", work / f"{name}.truth.json"
+    if not scores.exists():
+        video, truth = build()
+        truth_path.write_text(json.dumps(truth))
+        if not models:
+            models.append(Models.load(load_config(overrides=eval_real.base_config())))
+        eval_real.run_once(video, work, name, eval_real.base_config(), models[0])
+    return [json.loads(line) for line in scores.read_text().splitlines()], json.loads(truth_path.read_text())
+
+
+def _track(rows: list[dict], gt: list[dict], family: str) -> dict:
+    kinds = [g["kind"] if family == "real" or g["kind"] == "clean" else f"{family}:{g['kind']}" for g in gt]
+    return {"x": np.stack([row_signals(r) for r in rows]), "clean": np.array([k == "clean" for k in kinds]),
+            "kind": kinds, "identity": f"{family}:{gt[0]['identity']}", "family": family}
+
+
+def collect(work: Path) -> list[dict]:
+    """Per fit track: raw signals (faces x signals), clean labels, degradation kinds, identity and data family."""
+    import eval_selection
+
     work.mkdir(parents=True, exist_ok=True)
-    models = None
+    models: list = []
     tracks = []
     for seed in SEEDS:
-        video, truth_path = work / f"fit{seed}.mp4", work / f"fit{seed}.truth.json"
-        scores = work / f"fit{seed}.scores.jsonl"
-        if not scores.exists():
-            truth = eval_real.build_video(eval_real.clips("fit"), video, seed)
-            truth_path.write_text(json.dumps(truth))
-            models = models or Models.load(load_config(overrides=eval_real.base_config()))
-            eval_real.run_once(video, work, f"fit{seed}", eval_real.base_config(), models)
-        truth = json.loads(truth_path.read_text())
+        video = work / f"fit{seed}.mp4"
+        rows, truth = _scored(work, f"fit{seed}",
+                              lambda: (video, eval_real.build_video(eval_real.clips("fit"), video, seed)), models)
         by_track = defaultdict(list)
-        for line in scores.read_text().splitlines():
-            r = json.loads(line)
+        for r in rows:
             by_track[r["track_id"]].append(r)
-        for rows in by_track.values():
-            gt = [truth["frames"][r["frame_index"]] for r in rows]
-            tracks.append({"x": np.stack([row_signals(r) for r in rows]),
-                           "clean": np.array([g["kind"] == "clean" for g in gt]),
-                           "kind": [g["kind"] for g in gt], "identity": gt[0]["identity"]})
-    if models is not None:
-        models.close()
+        tracks += [_track(t, [truth["frames"][r["frame_index"]] for r in t], "real") for t in by_track.values()]
+    for seed in CARD_SEEDS:
+        rows, truth = _scored(work, f"cards{seed}", lambda: eval_selection.build_video(
+            work, CARD_SEGMENTS, 5.0, seed, CARD_PHOTOS, f"cards{seed}"), models)
+        index = eval_selection.truth_index(truth)
+        by_track = defaultdict(list)
+        for r in rows:
+            gt = eval_selection.match(index, r["frame_index"], r["bbox"])
+            if gt is not None:
+                by_track[r["track_id"]].append((r, gt))
+        tracks += [_track([r for r, _ in t], [g for _, g in t], "cards") for t in by_track.values() if len(t) > 1]
+    for m in models:
+        m.close()
     return tracks
 
 
@@ -111,6 +140,7 @@ def features(m: FusionModel, t: dict, use: np.ndarray) -> np.ndarray:
 
 def fit(tracks: list[dict], m: FusionModel, use: np.ndarray, steps: int = 400) -> FusionModel:
     diffs, weights = [], []
+    families = {t["family"] for t in tracks}
     for t in tracks:
         f = features(m, t, use)
         kinds = np.array(t["kind"])
@@ -119,9 +149,13 @@ def fit(tracks: list[dict], m: FusionModel, use: np.ndarray, steps: int = 400) -
             d = f[kinds == kind]
             if len(c):
                 diffs.append((c[:, None, :] - d[None, :, :]).reshape(-1, f.shape[1]))
-                weights.append(np.full(len(diffs[-1]), 1.0 / len(diffs[-1])))
-    d, pw = np.concatenate(diffs), np.concatenate(weights)
-    pw /= pw.sum()
+                weights.append((t["family"], np.full(len(diffs[-1]), 1.0 / len(diffs[-1]))))
+    # Each data family (real video, cards) weighs the same, whatever its number of tracks and kinds.
+    totals = defaultdict(float)
+    for family, w in weights:
+        totals[family] += w.sum()
+    d = np.concatenate(diffs)
+    pw = np.concatenate([w / (totals[family] * len(families)) for family, w in weights])
     lo = np.array([m.floor.get(n, 0.0) if use[i] else 0.0 for i, n in enumerate(NAMES)])
     cap = np.where(use, CAP, 0.0)
     best = (np.inf, None)
@@ -151,15 +185,16 @@ def kind_auc(tracks: list[dict], m: FusionModel, use: np.ndarray) -> dict[str, f
 
 
 def choose(tracks: list[dict], use: np.ndarray) -> tuple[tuple[float, float], dict]:
-    """(tau, SER-FIQ floor) with the best worst-kind AUC over people held out one at a time."""
+    """(tau, SER-FIQ floor) with the best worst-kind AUC over people held out, FOLDS groups in turn."""
     people = sorted({t["identity"] for t in tracks})
     cv = {}
     for tau in TAUS:
         for floor in SERFIQ_FLOORS:
             per_kind: dict[str, list[float]] = defaultdict(list)
-            for p in people:
-                train = [t for t in tracks if t["identity"] != p]
-                for k, v in kind_auc([t for t in tracks if t["identity"] == p],
+            for fold in range(FOLDS):
+                out = set(people[fold::FOLDS])
+                train = [t for t in tracks if t["identity"] not in out]
+                for k, v in kind_auc([t for t in tracks if t["identity"] in out],
                                      fit(train, model(train, tau, floor), use), use).items():
                     per_kind[k].append(v)
             cv[f"tau {tau}, serfiq floor {floor}"] = ((tau, floor),
@@ -181,9 +216,10 @@ def main(argv=None) -> int:
            "thresholds": {n: [round(float(a), 4), round(float(b), 4)] for n, (a, b) in zip(NAMES, m.thresholds)
                           if np.isfinite(a)},
            "fitted_on": {"clips": [c.name for c in eval_real.clips("fit")], "seeds": list(SEEDS),
+                         "cards": {"photos": "real/faces", "seeds": list(CARD_SEEDS), "shots": CARD_SEGMENTS},
                          "front_end": front_end(),
                          "tracks": len(tracks), "faces": int(sum(len(t["x"]) for t in tracks))},
-           "leave_one_person_out_auc": cv}
+           "held_out_people_auc": cv}
     for name, use in (("with_iqa", every), ("without_iqa", np.array([n != "iqa" for n in NAMES]))):
         fitted = fit(tracks, m, use)
         out[name] = {n: round(float(v), 4) for n, v, u in zip(NAMES, fitted.weights, use) if u}

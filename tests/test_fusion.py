@@ -25,6 +25,13 @@ def test_packaged_parameters_keep_their_bounds():
         assert (m.weights[NAMES.index("iqa")] >= m.floor["iqa"] - 1e-6) == iqa
     # fitted on the fit clips only: none of the clips the evaluation reports on
     assert not set(p["fitted_on"]["clips"]) & {c.name for c in eval_real.clips("report")}
+    # and on cards of other people than those of the card evaluation (scripts/eval_selection.py)
+    import eval_selection
+
+    people = {d: {f.name.split("__")[0] for f in (eval_real.SHARED / d).iterdir() if "__" in f.name}
+              for d in (p["fitted_on"]["cards"]["photos"], eval_selection.PHOTOS.relative_to(eval_real.SHARED))}
+    fit_people, report_people = people.values()
+    assert len(fit_people) >= 20 and len(report_people) >= 5 and not fit_people & report_people
 
 
 def test_running_statistics_match_the_batch_ones():

@@ -131,6 +131,22 @@ def test_yaw_and_pitch_follow_a_turned_head(axis, faces):
         assert all(d > 0 for d in np.diff(np.abs(np.array(values) - values[0]))), values
 
 
+def test_eye_span_shrinks_as_the_head_turns_or_the_face_is_seen_aslant(faces):
+    """Eye span falls with a real turn (landmarks of a 3-D head), and with the photo itself seen aslant (the cards'
+    perspective warp at its strongest level, landmarks found afresh)."""
+    analysis = face_analysis(model="mediapipe")
+    drops = []
+    for img, _, lm in faces:
+        turned = [head_pose(_turn(lm.five, a, 0))[3] for a in (0, 15, 30, 45)]
+        assert all(d < 0 for d in np.diff(turned)), turned
+        _, lm2 = analysis.largest(_kind("yaw")(img, None, 3))
+        if lm2 is not None:
+            drops.append(1 - head_pose(lm2.five)[3] / head_pose(lm.five)[3])
+    analysis.close()
+    assert len(drops) >= 0.8 * len(faces) and np.mean(np.array(drops) > 0) >= 0.85, drops
+    assert np.median(drops) > 0.05, drops
+
+
 def test_eye_and_mouth_opening_follow_the_mesh(faces):
     """Eyelids closing (the lid points pulled onto the eye's corner line) and a mouth opening (lower lip down)."""
     lids = [160, 158, 153, 144, 385, 387, 373, 380]
@@ -150,3 +166,32 @@ def test_eye_and_mouth_opening_follow_the_mesh(faces):
             mouths.append(m)
         assert all(d < 0 for d in np.diff(eyes)) and all(d > 0 for d in np.diff(mouths)), (eyes, mouths)
     assert openness(None) == (None, None)
+
+
+def test_cascade_proxy_sees_noise_that_detail_reads_as_detail(faces):
+    """The cascade picks and vetoes IQA candidates by a proxy. Noise raises `detail`, so a noisy face beats its
+    clean self on it; the learned fusion's pre-IQA score (Selector.proxy) orders the two as the fusion itself does
+    over the whole track, and ranks the clean face first wherever the clean face is under the noise threshold."""
+    from cafi_stream.fusion import FusionModel, signal_vector
+    from cafi_stream.select import ScoredFace, Selector, SerfiqRule
+
+    model = FusionModel.load(iqa=True)
+    by_detail = agrees = clean_first = 0
+    for i, (img, box, lm) in enumerate(faces):
+        selector = Selector(3, 1.0, SerfiqRule(0.0), fusion="learned", model=model)
+        m = similarity_to_template(lm.five, 112, box)
+        proxies, details, signals = [], [], []
+        for level in (0, 1, 3, 0, 2, 3):   # a track that swings between clean and noisy
+            x = img if level == 0 else _kind("noise")(img, box, level)
+            ms = measure(x, box, cv2.warpAffine(x, m, (112, 112)), lm.five, lm.mesh)
+            signals.append(signal_vector(0.7, None, ms))
+            proxies.append(selector.proxy(ScoredFace(i, 0, 0.0, box, 1.0, lm.five, 0.7, np.zeros(4), None, 0.0,
+                                                     measures=ms, signals=signals[-1])))
+            details.append(ms.detail)
+        final = model.scores(np.stack(signals))
+        by_detail += details[3] > details[5]
+        agrees += (proxies[3] > proxies[5]) == (final[3] > final[5])
+        clean_first += proxies[3] > proxies[5]
+    assert by_detail == 0, by_detail                       # detail prefers every noisy face
+    assert agrees >= 0.9 * len(faces), (agrees, len(faces))
+    assert clean_first >= 0.5 * len(faces), (clean_first, len(faces))

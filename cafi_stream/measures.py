@@ -114,9 +114,9 @@ def noise_sigma(inner: np.ndarray) -> float:
 
 def _grid_ratio(steps: np.ndarray) -> float:
     """Mean step at the strongest of the 8 grid phases over the mean step at the other 7 (`steps`: absolute
-    differences along the last axis; the phase of column j is j % 8)."""
-    n = steps.shape[-1] // 8 * 8
-    per_phase = steps[..., :n].reshape(-1, n // 8, 8).mean(axis=(0, 1))
+    differences between neighbouring columns; the phase of column j is j % 8)."""
+    columns = steps.mean(axis=0)
+    per_phase = columns[:len(columns) // 8 * 8].reshape(-1, 8).mean(axis=0)
     k = int(np.argmax(per_phase))
     return float((per_phase[k] + 1.0) / (np.delete(per_phase, k).mean() + 1.0))
 

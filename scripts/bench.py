@@ -71,12 +71,12 @@ def _iou(a, b) -> float:
     return float(box_iou(np.array([a], np.float32), np.array([b], np.float32))[0, 0])
 
 
-def topk_overlap(reference: list[dict], rows: list[dict], tolerance: float) -> dict:
+def topk_overlap(reference: list, rows: list, tolerance: float) -> dict:
     """Share of the reference's kept faces that the run also kept: the same frame, or the same person (box IoU
     >= 0.3) within `tolerance` seconds (kept faces of a track are min_gap apart, so that is one moment)."""
-    same_frame = sum(any(r["frame_index"] == ref["frame_index"] and _iou(r["bbox"], ref["bbox"]) >= 0.3
+    same_frame = sum(any(r.frame_index == ref.frame_index and _iou(r.bbox, ref.bbox) >= 0.3
                          for r in rows) for ref in reference)
-    near = sum(any(abs(r["pts_time"] - ref["pts_time"]) <= tolerance and _iou(r["bbox"], ref["bbox"]) >= 0.3
+    near = sum(any(abs(r.pts_time - ref.pts_time) <= tolerance and _iou(r.bbox, ref.bbox) >= 0.3
                    for r in rows) for ref in reference)
     n = max(1, len(reference))
     return {"same_moment": round(near / n, 3), "same_frame": round(same_frame / n, 3), "reference_faces": len(reference)}
@@ -126,14 +126,14 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def run_once(video: str, cfg, out: Path, random_dbcnn: bool) -> tuple[dict, list[dict]]:
+def run_once(video: str, cfg, out: Path, random_dbcnn: bool) -> tuple[dict, list]:
     from cafi_stream.pipeline import Models, run
+    from cafi_stream.rows import read_face_rows
 
     models = Models.load(cfg, random_dbcnn=random_dbcnn)
     result = run(video, cfg, out_dir=out, models=models)
     models.close()
-    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    return result.summary, rows
+    return result.summary, read_face_rows(out / "metadata.jsonl")
 
 
 def main(argv=None) -> int:

@@ -209,6 +209,7 @@ def calibrate_serfiq(models, quantile: float = 0.1) -> float:
 def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict, topk: int, min_gap: float) -> dict:
     from cafi_stream.config import load_config
     from cafi_stream.pipeline import Models, run
+    from cafi_stream.rows import read_face_rows
 
     base = {"iqa": {"name": "piqe"}, "fr": {"model": str(SHARED / "models" / "mobilefacenet_paddlex_128d.onnx")},
             "output": {"topk": topk, "min_gap": min_gap}, "cascade": {"exhaustive": True}}
@@ -227,9 +228,9 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict, topk: int, 
         t0 = time.perf_counter()
         res = run(str(video), cfg, out_dir=out_dir / "runs" / name, models=models,
                   scores_out=out_dir / "runs" / f"{name}.scores.jsonl", overwrite=True)   # our own scratch runs
-        kept = [json.loads(line) for line in (res.out_dir / "metadata.jsonl").read_text().splitlines()]
+        kept = read_face_rows(res.out_dir / "metadata.jsonl")
         scored = [json.loads(line) for line in (out_dir / "runs" / f"{name}.scores.jsonl").read_text().splitlines()]
-        matched = [g for g in (match(index, r["frame_index"], r["bbox"]) for r in kept) if g is not None]
+        matched = [g for g in (match(index, r.frame_index, r.bbox) for r in kept) if g is not None]
         degraded = [g for g in matched if g["kind"] != "clean"]
         auc, auc_kind = within_track_auc(scored, index)
         results[name] = {

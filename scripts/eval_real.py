@@ -172,25 +172,27 @@ def merged(base: dict, overrides: dict) -> dict:
     return out
 
 
-def run_once(video: Path, out_dir: Path, name: str, overrides: dict, models) -> tuple[list[dict], list[dict], dict]:
-    """(kept rows, scored rows, summary) of one pipeline run."""
+def run_once(video: Path, out_dir: Path, name: str, overrides: dict, models) -> tuple[list, list[dict], dict]:
+    """(kept rows as FaceRow, scored rows, summary) of one pipeline run."""
     from cafi_stream.config import load_config
     from cafi_stream.pipeline import run
+    from cafi_stream.rows import read_face_rows, read_jsonl
 
     scores = out_dir / f"{name}.scores.jsonl"
     res = run(str(video), load_config(overrides=overrides), out_dir=out_dir / name, models=models,
               scores_out=scores, overwrite=True)   # our own scratch runs
-    kept = [json.loads(x) for x in (res.out_dir / "metadata.jsonl").read_text().splitlines()]
-    scored = [json.loads(x) for x in scores.read_text().splitlines()]
+    kept = read_face_rows(res.out_dir / "metadata.jsonl")
+    scored = read_jsonl(scores)
     return kept, scored, res.summary
 
 
 # -- measures of what was kept
 
-def clean_share(rows: list[dict], truth: dict) -> float | None:
-    if not rows:
+def clean_share(frames: list[int], truth: dict) -> float | None:
+    """The share of clean faces among the faces of these frames."""
+    if not frames:
         return None
-    return round(sum(truth["frames"][r["frame_index"]]["kind"] == "clean" for r in rows) / len(rows), 3)
+    return round(sum(truth["frames"][i]["kind"] == "clean" for i in frames) / len(frames), 3)
 
 
 def top_by(rows: list[dict], key, group) -> list[dict]:
@@ -229,17 +231,15 @@ def auc_by_kind(rows: list[dict], truth: dict, key) -> dict[str, float]:
     return {k: round(float(np.mean(v)), 3) for k, v in per_kind.items()}
 
 
-def per_identity(rows: list[dict], cfg) -> list[dict]:
-    """What `--per identity` keeps from a run's rows: the same library calls as the pipeline's finalize step."""
+def per_identity(rows: list, cfg) -> list:
+    """What `--per identity` keeps from a run's rows (FaceRow): the same library calls as the pipeline's finalize
+    step."""
     from cafi_stream.fusion import ranking_fusion
     from cafi_stream.identity import assign_identities, top_per_identity
 
-    from cafi_stream.rows import FaceRow
-
-    rows = assign_identities([FaceRow.from_json(r) for r in rows], cfg.identity.threshold)
-    kept = top_per_identity(rows, cfg.output.topk, ranking_fusion(cfg.rank, any(r.iqa_model for r in rows)),
+    rows = assign_identities(rows, cfg.identity.threshold)
+    return top_per_identity(rows, cfg.output.topk, ranking_fusion(cfg.rank, any(r.iqa_model for r in rows)),
                             cfg.output.min_gap, cfg.diversity.max_similarity, cfg.diversity.pose_bins)
-    return [r.to_json() for r in kept]
 
 
 def cut_errors(summary_cuts: list[int], truth: dict, tolerance: int = 2) -> dict:
@@ -271,8 +271,9 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict) -> dict:
             exhaustive_rows, cuts = scored, summary.get("shot_cut_frames")
         key = ((lambda r: r["score"] if r["score"] is not None else -math.inf) if name.startswith("cafi")
                else (lambda r: r["quality"] if r["quality"] is not None else -math.inf))
-        table[name] = {"kind": "ranker (pipeline run)", "clean_per_track": clean_share(kept, truth),
-                       "clean_per_identity": clean_share(kept_id, truth), "kept": len(kept),
+        table[name] = {"kind": "ranker (pipeline run)",
+                       "clean_per_track": clean_share([r.frame_index for r in kept], truth),
+                       "clean_per_identity": clean_share([r.frame_index for r in kept_id], truth), "kept": len(kept),
                        # over the faces the ranker scored (with the cascade, those that got an IQA call)
                        "auc_by_kind": auc_by_kind([r for r in scored if key(r) > -math.inf], truth, key),
                        "seconds": round(time.perf_counter() - t0, 1)}
@@ -287,8 +288,9 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict) -> dict:
     keys["oracle"] = lambda r: (truth["frames"][r["frame_index"]]["kind"] == "clean") + 0.01 * r["serfiq"]
     for name, key in keys.items():
         table[name] = {"kind": "single signal (same run's faces)" if name.startswith("signal:") else "reference",
-                       "clean_per_track": clean_share(top_by(rows, key, track), truth),
-                       "clean_per_identity": clean_share(top_by(rows, key, person), truth),
+                       "clean_per_track": clean_share([r["frame_index"] for r in top_by(rows, key, track)], truth),
+                       "clean_per_identity": clean_share([r["frame_index"] for r in top_by(rows, key, person)],
+                                                         truth),
                        "auc_by_kind": auc_by_kind(rows, truth, key)}
     for r in table.values():
         aucs = list(r["auc_by_kind"].values())
@@ -321,7 +323,7 @@ def utility(out_dir: Path, topk: int = 5) -> dict:
                                   "cascade": {"exhaustive": True}}}
     for name, overrides in runs.items():
         kept, _, _ = run_once(video, out_dir, "obama_" + name.replace(" ", "_"), merged(base, overrides), models)
-        cos = [float(np.dot(r["embedding"], template)) for r in kept]
+        cos = [float(np.dot(r.embedding, template)) for r in kept]
         out[name] = {"faces": len(cos), "mean_genuine_cosine": round(float(np.mean(cos)), 4) if cos else None}
     models.close()
     return out
@@ -336,7 +338,8 @@ def readme_table(result: dict) -> str:
         lines.append(f"| `{name}` | {r['clean_per_track']} | {r['clean_per_identity']} | "
                      + " | ".join(str(auc.get(k, "")) for k in kinds) + " |")
     v, c, u = result["video"], result["cuts"], result["utility"]
-    lines += ["", f"{v.get('people', 'report').capitalize()} clips only ({len(v['clips'])} clips, {v['frames']} frames, {v['clean_share']:.0%} clean, "
+    lines += ["", f"{v.get('people', 'report').capitalize()} clips only ({len(v['clips'])} clips, {v['frames']} "
+                  f"frames, {v['clean_share']:.0%} clean, "
                   f"top-{TOPK}, min gap {MIN_GAP} s, IQA: PIQE, detector "
                   f"{result['detect']['model']}, landmarks {result['detect']['landmarks']}). Columns after the clean shares: within-person AUC "
                   "per degradation kind.",

@@ -68,9 +68,9 @@ def test_fusion_beats_random_on_unseen_people(small_run):
     truth, runs = small_run
     (cafi, cafi_scored, _), (random, random_scored, _) = runs["cafi"], runs["random"]
     assert len(cafi) >= 4 and len(random) >= 4
-    clean = eval_real.clean_share(cafi, truth)
+    clean = eval_real.clean_share([r.frame_index for r in cafi], truth)
     # random choice keeps, on average, the clean share of the faces it chooses from (one draw of 6 is noisy)
-    expected_random = eval_real.clean_share(random_scored, truth)
+    expected_random = eval_real.clean_share([r["frame_index"] for r in random_scored], truth)
     assert clean >= 0.8 and clean > expected_random + 0.3, (clean, expected_random, len(cafi))
     aucs = eval_real.auc_by_kind(cafi_scored, truth, lambda r: r["score"])
     assert np.mean(list(aucs.values())) > 0.85, aucs

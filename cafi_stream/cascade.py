@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 
 
-
 def sharpness(aligned: np.ndarray) -> float:
     """Variance of the Laplacian of the aligned face: on one fixed scale, so comparable across faces."""
     return float(cv2.Laplacian(cv2.cvtColor(aligned, cv2.COLOR_RGB2GRAY), cv2.CV_32F).var())
@@ -36,6 +35,40 @@ MIN_EYE_SPAN = 0.15
 def in_profile(five: np.ndarray, side: float) -> bool:
     """Whether the eyes are under MIN_EYE_SPAN of the face's box side apart: a face seen from the side."""
     return float(np.hypot(*(five[1] - five[0]))) < MIN_EYE_SPAN * side
+
+
+class SampleGate:
+    """Per track, of the faces sampled within one `window` (seconds of video) only the one `ranking` prefers goes
+    on to SER-FIQ: the recognition network, the costliest step per face, is spent on the face that a cheap
+    ranking of the capture measures picks, not on each near-duplicate. `ranking` (fusion.MeasureRanking) sees every
+    face and compares two faces of a track. `window` 0: every face goes on."""
+
+    def __init__(self, window: float, ranking):
+        self.window = window
+        self.ranking = ranking
+        self._held: dict[int, tuple[int, object]] = {}   # track -> (window, face)
+        self.skipped = 0
+
+    def submit(self, track_id: int, pts: float, face) -> list:
+        """The faces to score now: the held one of this track's previous window, when `face` opens a new one."""
+        if self.window <= 0:
+            return [face]
+        self.ranking.observe(track_id, face)
+        w = int(pts // self.window)
+        held = self._held.get(track_id)
+        if held is not None and held[0] == w:
+            self.skipped += 1
+            if self.ranking.better(track_id, face, held[1]):
+                self._held[track_id] = (w, face)
+            return []
+        self._held[track_id] = (w, face)
+        return [held[1]] if held is not None else []
+
+    def release(self, track_id: int) -> list:
+        """An ending track's held face."""
+        self.ranking.forget(track_id)
+        held = self._held.pop(track_id, None)
+        return [held[1]] if held is not None else []
 
 
 @dataclass(order=True)

@@ -124,6 +124,7 @@ class CascadeConfig:
     max_yaw: float
     min_sharpness: float
     sample_interval: float
+    serfiq_window: float
     iqa_window: float
     iqa_budget: float
     iqa_burst: float
@@ -279,7 +280,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("identity", "threshold"): (-1, 1),
     ("iqa", "batch"): (1, None),
     ("cascade", "min_det_score"): (0, 1), ("cascade", "max_yaw"): (0, None), ("cascade", "min_sharpness"): (0, None),
-    ("cascade", "sample_interval"): (0, None), ("cascade", "iqa_window"): (0, None),
+    ("cascade", "sample_interval"): (0, None), ("cascade", "serfiq_window"): (0, None),
+    ("cascade", "iqa_window"): (0, None),
     ("cascade", "iqa_budget"): (1e-6, None), ("cascade", "iqa_burst"): (1, None), ("cascade", "max_age"): (0, None),
     ("live", "open_timeout"): (1e-3, 86400), ("live", "read_timeout"): (1e-3, 86400), ("live", "reconnect_max"): (-1, None),
     ("live", "backoff_initial"): (0, 3600), ("live", "backoff_max"): (0, 3600), ("live", "queue_size"): (1, None),

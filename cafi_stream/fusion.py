@@ -152,6 +152,33 @@ class FusionModel:
         return self.features(x, standardise(x)) @ self.weights if len(x) else np.zeros(0)
 
 
+class MeasureRanking:
+    """Faces of one track compared on their capture measures alone, before SER-FIQ and IQA: the learned fusion's
+    score with both left out, both faces judged now on the statistics of every face of the track seen so far.
+    Without a model (the z-score and filter fusions), by the face's own `proxy` (detail)."""
+
+    def __init__(self, model: FusionModel | None):
+        self.model = model
+        self.stats: dict[int, RunningStats] = {}
+
+    @staticmethod
+    def _signals(face) -> np.ndarray:
+        return signal_vector(math.nan, None, face.measures)
+
+    def observe(self, track_id: int, face) -> None:
+        if self.model is not None:
+            self.stats.setdefault(track_id, RunningStats()).add(self._signals(face))
+
+    def better(self, track_id: int, a, b) -> bool:
+        if self.model is None:
+            return a.proxy > b.proxy
+        stats = self.stats.get(track_id) or RunningStats()
+        return self.model.score(self._signals(a), stats) > self.model.score(self._signals(b), stats)
+
+    def forget(self, track_id: int) -> None:
+        self.stats.pop(track_id, None)
+
+
 @functools.lru_cache(maxsize=4)
 def _params(path: str) -> dict:
     """The parameter file, read once per process (identity-level ranking loads the model per identity)."""

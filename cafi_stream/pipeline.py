@@ -23,14 +23,14 @@ import numpy as np
 
 from . import __version__
 from .batching import MicroBatcher
-from .cascade import IqaScheduler
+from .cascade import IqaScheduler, SampleGate
 from .config import Config
 from .dataset import finalize as finalize_output
 from .decode import Decoder, VideoFrame
 from .analyse import Analyser, EndedTrack, FaceAnalysis, nothing_kept
 from .backend import resolve_device
 from .errors import OutputError
-from .fusion import FusionModel, ranking_fusion, signal_vector
+from .fusion import FusionModel, MeasureRanking, ranking_fusion, signal_vector
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .models import default_models_dir, resolve_fr_model, sha256_of
@@ -145,12 +145,16 @@ class _Run:
         rule = SerfiqRule(cfg.serfiq.track_quantile, min_score) if self.method == "cafi" else SerfiqRule(0.0)
         self.iqa = models.iqa if self.method == "cafi" else None
         fusion = ranking_fusion(cfg.rank, self.iqa is not None)
+        model = FusionModel.load(iqa=self.iqa is not None) if fusion == "learned" else None
         self.selector = Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor, fusion=fusion,
                                  max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins,
-                                 model=FusionModel.load(iqa=self.iqa is not None) if fusion == "learned" else None)
+                                 model=model)
         self.scores = ScoresLog(scores_out) if scores_out is not None else None
         c = cfg.cascade
         self.exhaustive = c.exhaustive
+        # Baseline rankers score every sampled face: they are measured against what they see.
+        self.gate = SampleGate(c.serfiq_window if self.method == "cafi" and not c.exhaustive else 0.0,
+                               MeasureRanking(model))
         self.scheduler = IqaScheduler(c.iqa_budget, c.iqa_burst, window=max(c.iqa_window, cfg.output.min_gap),
                                       max_age=c.max_age,
                                       exhaustive=c.exhaustive,
@@ -216,6 +220,8 @@ class _Run:
         results = []
         for track in tracks:
             tid = track.track_id
+            for face in self.gate.release(tid):
+                self.serfiq_batch.add(face)
             self._pump(flush=True, ending=tid)
             with self.timer("select"):
                 if self.scores is not None:
@@ -234,7 +240,8 @@ class _Run:
         results = self._end_tracks(analysed.ended)
         for face in analysed.faces:
             self.opened.setdefault(face.track_id, face.pts_time)
-            self.serfiq_batch.add(face)
+            for due in self.gate.submit(face.track_id, face.pts_time, face):
+                self.serfiq_batch.add(due)
         self._pump()
         if not frame.index % self.analyser.stride:   # snapshots on detection frames
             results += self._snapshot(frame.pts_time)
@@ -279,6 +286,7 @@ def run_summary(state: _Run, writer: OutputWriter, wall: float, interrupted: boo
     frames = a.counts["frames"]
     faces = {k: v for k, v in sorted(a.counts.items()) if k != "frames"}
     faces["serfiq_calls"] = state.serfiq_batch.calls
+    faces["serfiq_skipped"] = state.gate.skipped
     faces["iqa_calls"] = state.iqa_batch.calls
     faces["iqa_skipped"] = state.scheduler.skipped
     return {

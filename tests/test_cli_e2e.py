@@ -43,6 +43,8 @@ def test_acceptance_run_writes_valid_metadata(hamilton_run):
     assert 1 <= len(performer) <= 2, performer
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames"] == 275
+    # cascade.serfiq_window: about one sampled face in three (0.1 s apart, 0.3 s windows) gets SER-FIQ
+    assert 0 < summary["faces"]["serfiq_calls"] < summary["faces"]["serfiq_skipped"]
     assert summary["faces_kept"] == len(rows)
     assert summary["models"]["face_recognition"]["sha256"].startswith("6ced4e0c")
     assert {"detect", "track", "serfiq", "decode"} <= summary["seconds"].keys()

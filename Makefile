@@ -16,10 +16,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray,mediapipe]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray,mediapipe,serve]'
 	@# pyiqa, facexlib and mediapipe each install a cv2 build into the same folder: the headless one must win.
 	$(PY) -m pip install -q --no-deps --force-reinstall -c constraints.txt opencv-python-headless
-	$(PY) -c "import cv2, mediapipe, av, onnxruntime, pyiqa, supervision, datasets, pyarrow, ray, selenium; print('cv2', cv2.__version__)"
+	$(PY) -c "import cv2, mediapipe, av, onnxruntime, pyiqa, supervision, datasets, pyarrow, ray, selenium, aiohttp, prometheus_client, paho.mqtt; print('cv2', cv2.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)

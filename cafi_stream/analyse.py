@@ -9,6 +9,7 @@ supplies both.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ REFINE_IOU = 0.5
 REVISIT_IOU = 0.3
 
 
+def _face_scale(face_px: int, min_face: int) -> float:
+    """The scale at which a `min_face` face is `face_px` pixels (inf: no such bound)."""
+    return face_px / min_face if min_face > 0 and face_px > 0 else math.inf
+
+
 class FaceAnalysis:
     """A detector and where the landmarks come from. With `min_face` (source pixels), frames are read at the
     scale that finds faces of that size (`detect.face_px`), not smaller ones."""
@@ -43,8 +49,8 @@ class FaceAnalysis:
     def __init__(self, cfg: DetectConfig, models_dir: Path, device: str = "cpu", backend: str = "auto",
                  min_face: int = 0):
         self.detector, self.spec, path = create_detector(cfg, models_dir, device, backend)
-        self.min_size, self.refine_px, self.batch = cfg.min_size, cfg.refine_px, cfg.batch
-        self.face_scale = cfg.face_px / min_face if min_face > 0 and cfg.face_px > 0 else math.inf
+        self.min_size, self.refine_px, self.batch, self.face_px = cfg.min_size, cfg.refine_px, cfg.batch, cfg.face_px
+        self.face_scale = _face_scale(cfg.face_px, min_face)
         use_mesh = cfg.landmarks == "mesh" or (cfg.landmarks == "auto" and not self.spec.keypoints)
         if cfg.landmarks == "keypoints" and not self.spec.keypoints:
             raise InputError(f"detect.landmarks = keypoints: the {self.spec.name} detector gives no keypoints")
@@ -54,6 +60,12 @@ class FaceAnalysis:
             self.files["face_detector"] = (self.spec.name, path)
         if self.mesher is not None:
             self.files["face_mesh"] = ("mediapipe face_mesh", self.mesher.model_file())
+
+    def for_min_face(self, min_face: int) -> "FaceAnalysis":
+        """The same detector and landmarks (shared, not copied), reading frames at the scale for `min_face`."""
+        other = copy.copy(self)
+        other.face_scale = _face_scale(self.face_px, min_face)
+        return other
 
     @classmethod
     def configured(cls, **detect) -> "FaceAnalysis":

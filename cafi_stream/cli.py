@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from .errors import CafiError
+from .errors import CafiError, InputError
 from .sources import redact
 
 log = logging.getLogger("cafi_stream")
@@ -205,12 +205,98 @@ def batch_main(argv: list[str]) -> int:
     return 2 if r.failed else 0
 
 
+def build_serve_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cafi-stream serve",
+                description="Many live cameras in one process: best shots written per camera and published as events.")
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="camera URLs (or files with --loop)")
+    p.add_argument("--cameras", help="TOML file of [[camera]] tables (name, url, run options); reread on SIGHUP")
+    p.add_argument("--out", required=True, help="service folder: OUT/<camera>/<session>/ per camera")
+    p.add_argument("--http", default="127.0.0.1:8080", help="HOST:PORT of /metrics, /healthz, the camera API and the "
+                   "page (port 0: any free port; 'off': none)")
+    p.add_argument("--token", help="needed by the camera API, and by every endpoint but /healthz once set")
+    p.add_argument("--events", help="jsonl:FILE, or - for stdout: one JSON line per event")
+    p.add_argument("--webhook", help="POST each event to this http(s) URL (spooled, retried with backoff)")
+    p.add_argument("--mqtt", help="publish each event to mqtt://HOST[:PORT]/TOPIC (spooled, retried)")
+    p.add_argument("--event-images", action="store_true", help="events carry their images (base64 JPEG)")
+    p.add_argument("--config", help="TOML file overlaid on configs/default.toml")
+    groups = {"": p, "dataset": p.add_argument_group("dataset"),
+              "live": p.add_argument_group("live sources (rtsp://, http(s)://, /dev/video*, --loop)")}
+    _add_config_flags(groups, lambda meta: True)
+    p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    import os
+    import signal
+    import threading
+
+    args = build_serve_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if not args.verbose:
+        logging.getLogger("cafi_stream.serve").setLevel(logging.INFO)
+    stop, reload = threading.Event(), threading.Event()
+
+    def work():
+        from .serve import Service, from_sources, read_cameras, unique
+        from .web import WebServer, parse_bind
+
+        def specs():
+            return unique(from_sources(args.sources) + (read_cameras(args.cameras) if args.cameras else []))
+
+        cameras = specs()
+        if not cameras:
+            raise InputError("no cameras: name SOURCEs or --cameras FILE")
+        bind = None if args.http == "off" else parse_bind(args.http, args.token)
+        events = args.events
+        if events is not None and events != "-" and not events.startswith("jsonl:"):
+            raise InputError(f"--events {events}: expected jsonl:FILE or -")
+        service = Service(args.out, args.config, config_overrides(args), jsonl=events.removeprefix("jsonl:")
+                          if events else None, webhook=args.webhook, mqtt=args.mqtt, with_images=args.event_images)
+        web = None
+        try:
+            for spec in cameras:
+                service.add(spec)
+            if bind is not None:
+                web = WebServer(service, *bind, args.token).start()
+                sys.stderr.write(f"cafi-stream: serving {web.url} ({len(cameras)} cameras)\n")
+                sys.stderr.flush()
+            while not stop.wait(0.2):
+                if reload.is_set():
+                    reload.clear()
+                    try:
+                        service.apply(specs())
+                    except CafiError as e:   # a bad file on reload keeps the cameras as they are
+                        log.error("reload: %s", e)
+        finally:
+            service.stop()
+            if web is not None:
+                web.stop()
+        return {"out_dir": str(service.root), "cameras": {c["name"]: {k: c[k] for k in ("state", "tracks_written")}
+                                                           for c in service.describe()}}
+
+    def on_signal(signum, _frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            os._exit(130)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    result, code = _guarded(work, args.verbose)
+    if result is not None:
+        print(json.dumps(result))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["engines"]:
         return engines_main(argv[1:])
     if argv[:1] == ["batch"]:
         return batch_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
 

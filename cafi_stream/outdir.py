@@ -26,6 +26,7 @@ REPORT = "report.html"
 PARQUET = "dataset.parquet"   # not metadata.parquet: imagefolder would take that for a second metadata file
 MANIFEST = "manifest.jsonl"   # marks a batch dataset
 LOCK = ".cafi.lock"
+SERVE_ENTRY = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_-]{0,63}|_events)$")   # a serve folder's camera folders, spools
 TMP_PREFIX, TMP_SUFFIX = ".cafi-", ".tmp"
 # Where each encoded crop goes, and its metadata column (file_name is the one `imagefolder` loads).
 IMAGE_DIRS = {"context": ("faces", "file_name", ".jpg"), "aligned": ("aligned", "aligned_file", ".png"),
@@ -165,7 +166,7 @@ class OutputDir:
         return str(self.given)
 
     # -- checks without side effects: they run before anything is opened, created or loaded
-    def check(self, overwrite: bool = False, batch: bool = False) -> None:
+    def check(self, overwrite: bool = False, batch: bool = False, serve: bool = False) -> None:
         where = f"{self.flag} {self.given}"
         system = _under_system_dir(self.given.absolute())
         if system is not None:
@@ -178,11 +179,18 @@ class OutputDir:
         if not os.access(base, os.W_OK | os.X_OK):
             raise InputError(f"{where}: {base} is not writable (read-only file system or no permission)")
         if self.root.is_dir():
-            self._check_contents(overwrite, batch)
+            self._check_contents(overwrite, batch, serve)
 
-    def _check_contents(self, overwrite: bool, batch: bool) -> None:
+    def _check_contents(self, overwrite: bool, batch: bool, serve: bool = False) -> None:
         names = sorted(e.name for e in self.root.iterdir() if e.name != LOCK and not is_tmp(e.name))
         if not names:
+            return
+        if serve:   # a `serve` folder: one folder per camera, and the event spools
+            other = [e.name for e in self.root.iterdir() if e.name != LOCK and not is_tmp(e.name)
+                     and (e.is_symlink() or not e.is_dir() or not SERVE_ENTRY.match(e.name))]
+            if other:
+                raise InputError(f"{self.flag} {self.given}: holds files that are not a serve folder's "
+                                 f"({', '.join(sorted(other)[:4])}); choose an empty or new folder")
             return
         is_batch = MANIFEST in names or set(names) <= {"videos", ".work"}
         if batch and not is_batch:
@@ -197,7 +205,7 @@ class OutputDir:
                              f"files, or choose another folder")
 
     # -- claiming: create, lock, clear
-    def claim(self, overwrite: bool = False, batch: bool = False) -> None:
+    def claim(self, overwrite: bool = False, batch: bool = False, serve: bool = False) -> None:
         """Create and lock the folder, then (re)check it: with `overwrite`, an earlier run's files are deleted
         (only names this tool gives its files); temporary files a killed run left are always removed."""
         try:
@@ -212,7 +220,7 @@ class OutputDir:
             raise InputError(f"{self.flag} {self.given}: another cafi-stream run is writing there") from None
         self._lock_fd = fd
         try:
-            self._check_contents(overwrite, batch)
+            self._check_contents(overwrite, batch, serve)
             self._remove_stale_tmp()
             if overwrite and not batch:
                 self._clear_run()

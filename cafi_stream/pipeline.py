@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -106,6 +106,17 @@ class Models:
 class RunResult:
     out_dir: Path
     summary: dict
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a caller of `run()` that serves results as they come (`serve`) plugs in: `on_result(result, rows)`
+    after each track result is written (rows as written, `rows.FaceRow`), `on_frame(frame)` after each frame,
+    and `stop`, an event that ends the run as SIGINT does (intake stops, every open track is written)."""
+
+    on_result: Callable[[TrackResult, list], None] | None = None
+    on_frame: Callable[[VideoFrame], None] | None = None
+    stop: threading.Event | None = None
 
 
 def default_out_dir(source: str) -> Path:
@@ -432,7 +443,7 @@ def process(source: str, cfg: Config, models: Models | None = None, random_dbcnn
 def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Models | None = None,
         progress: bool = False, random_dbcnn: bool = False, on_status=None,
         stats_json: str | Path | None = None, scores_out: str | Path | None = None, finalize: bool = True,
-        exports: tuple[str, ...] = (), overwrite: bool = False) -> RunResult:
+        exports: tuple[str, ...] = (), overwrite: bool = False, hooks: RunHooks | None = None) -> RunResult:
     """Process `source` and write its best faces into `out_dir` (default `cafi_out/<source stem>/`).
 
     Bad input (the source, the output paths) raises InputError before any model loads; a non-empty `out_dir` is
@@ -441,7 +452,7 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
     summary, before the error propagates. A failed write raises OutputError after a summary that records it.
     `on_status(dict)` is called every `live.status_interval` seconds for live sources (and `stats_json` rewritten).
     `finalize` clusters the written faces into identities and writes report.html and `exports` (a batch does that
-    once over all its videos instead).
+    once over all its videos instead). `hooks` (RunHooks) see each written result and frame, and can stop the run.
     """
     t0 = time.perf_counter()
     out = OutputDir(out_dir if out_dir is not None else default_out_dir(source))
@@ -457,7 +468,7 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
         out.claim(overwrite)   # only now, so that a failure above leaves an earlier run untouched
         try:
             return _run_claimed(decoder, cfg, models, out, t0, progress, on_status, stats_json, scores_out,
-                                finalize, exports)
+                                finalize, exports, hooks or RunHooks())
         finally:
             out.release()
     finally:
@@ -465,8 +476,16 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
             models.close()
 
 
+def _stop_on(event: threading.Event, decoder) -> None:
+    """Stop `decoder` once `event` is set (a caller's stop, from any thread)."""
+    def wait():
+        event.wait()
+        decoder.stop()
+    threading.Thread(target=wait, name="cafi-stop", daemon=True).start()
+
+
 def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float, progress: bool, on_status,
-                 stats_json, scores_out, finalize: bool, exports: tuple[str, ...]) -> RunResult:
+                 stats_json, scores_out, finalize: bool, exports: tuple[str, ...], hooks: RunHooks) -> RunResult:
     name = decoder.info.source   # credentials redacted
     iqa_name = models.iqa.name if models.iqa is not None and cfg.rank.method == "cafi" else None
     writer = OutputWriter(out, name, iqa_name, cfg.output.jpeg_quality)
@@ -487,14 +506,23 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
             total = min(total, decoder.info.frames)
         bar = tqdm(total=total, unit="frame", dynamic_ncols=True, leave=False)
     signals = _Signals(decoder)
+    if hooks.stop is not None:
+        _stop_on(hooks.stop, decoder)
+    frame_hooks = [h for h in ((lambda f: bar.update(1)) if bar else None, hooks.on_frame) if h is not None]
+
+    def deliver(result: TrackResult) -> None:
+        rows = writer.deliver(result)
+        if hooks.on_result is not None:
+            hooks.on_result(result, rows)
+
     interrupted = False
     error: BaseException | None = None
     try:
         with signals, reporter if reporter is not None else contextlib.nullcontext():
             for result in frame_results(state, decoder.frames(state.analyser.prepare), cfg.decode.max_frames,
-                                        (lambda f: bar.update(1)) if bar else None):
+                                        (lambda f: [h(f) for h in frame_hooks]) if frame_hooks else None):
                 with state.timer("write"):
-                    writer.deliver(result)
+                    deliver(result)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -510,7 +538,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
         try:
             if failed is None:
                 for result in state.finish():
-                    writer.deliver(result)
+                    deliver(result)
             writer.close()
             if failed is None and finalize:
                 rows = finalize_output(out, read_face_rows(out.root / METADATA), cfg, exports, title=name, prune=True)
@@ -518,7 +546,8 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
             failed = failed or e
         if decoder.stats.truncated:
             log.warning("%s: %s; kept what decoded", name, decoder.stats.truncated)
-        summary = run_summary(state, writer, time.perf_counter() - t0, interrupted or signals.stopping)
+        stopped = signals.stopping or (hooks.stop is not None and hooks.stop.is_set())
+        summary = run_summary(state, writer, time.perf_counter() - t0, interrupted or stopped)
         summary["seconds"]["load_models"] = round(load_seconds, 3)
         summary["out_dir"] = str(out)
         reason = failed or (error if not isinstance(error, (KeyboardInterrupt, type(None))) else None)

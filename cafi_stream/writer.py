@@ -81,37 +81,39 @@ class OutputWriter:
     def counts(self) -> dict[str, int]:
         return {"faces_kept": self.rows, "tracks_written": self.tracks}
 
-    def deliver(self, result: TrackResult) -> None:
-        """An ended track's faces into metadata.jsonl, or an open one's snapshot into live/."""
+    def deliver(self, result: TrackResult) -> list[FaceRow]:
+        """An ended track's faces into metadata.jsonl, or an open one's snapshot into live/; the rows written."""
         if result.final:
-            self.write_track(result.track_id, list(result.faces), result.span)
-        else:
-            self.write_snapshot(result.track_id, list(result.faces), result.span)
+            return self.write_track(result.track_id, list(result.faces), result.span)
+        return self.write_snapshot(result.track_id, list(result.faces), result.span)
 
-    def write_track(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> None:
+    def write_track(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> list[FaceRow]:
         """Images first, then the track's rows in one append, so no row ever names a missing file. `span` is the
         (first, last) time the track was seen. A failed write removes the track's images: no file without a row."""
+        rows: list[FaceRow] = []
         if kept:
             written: list[str] = []
             try:
                 with writing(self.out.given):
-                    self._meta.append(face_rows_text(self._rows(track_id, kept, False, span, written)).encode())
+                    rows = self._rows(track_id, kept, False, span, written)
+                    self._meta.append(face_rows_text(rows).encode())
             except OutputError:
                 self._discard(written)
                 raise
             self.rows += len(kept)
             self.tracks += 1
         self.drop_snapshot(track_id)
+        return rows
 
     def _discard(self, names) -> None:
         for name in names:
             (self.out_dir / name).unlink(missing_ok=True)
 
-    def write_snapshot(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> None:
+    def write_snapshot(self, track_id: int, kept: list[KeptFace], span: tuple[float, float]) -> list[FaceRow]:
         """A still-open track's best-so-far: live/track_<id>.json (replaced atomically) and its images; images
         of the previous snapshot that it no longer names are removed after the switch."""
         if not kept:
-            return
+            return []
         with writing(self.out.given):
             rows = self._rows(track_id, kept, True, span, [])
             atomic_write(self.out_dir / snapshot_name(track_id),
@@ -119,6 +121,7 @@ class OutputWriter:
         files = {name for row in rows for name in row.images}
         self._discard(self._snapshots.get(track_id, set()) - files)
         self._snapshots[track_id] = files
+        return rows
 
     def drop_snapshot(self, track_id: int) -> None:
         files = self._snapshots.pop(track_id, None)

@@ -3,8 +3,13 @@ batches while a live stream's latency stays bounded."""
 
 from __future__ import annotations
 
+import dataclasses
+import queue
+import threading
 import time
 from typing import Callable, Generic, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,3 +50,58 @@ class MicroBatcher(Generic[T, R]):
             out.extend(zip(batch, results))
         self._since = self.clock()
         return out
+
+
+def take_rows(result, a: int, b: int):
+    """Rows a:b of an engine's result: an array, or a frozen dataclass of arrays (serfiq.SerFiqResult)."""
+    if isinstance(result, np.ndarray):
+        return result[a:b]
+    return dataclasses.replace(result, **{f.name: getattr(result, f.name)[a:b] for f in dataclasses.fields(result)})
+
+
+class JoinedEngine:
+    """One engine shared by many threads (`serve`'s cameras): the arrays that callers pass within `max_wait_ms` of
+    each other (up to `max_batch` rows) are joined into one call, and each caller gets its own rows back. Other
+    attributes are the engine's."""
+
+    def __init__(self, engine, max_batch: int, max_wait_ms: float):
+        self._inner, self._max_batch, self._max_wait = engine, max(1, max_batch), max_wait_ms / 1000.0
+        self._queue: queue.Queue = queue.Queue()
+        self.joined_calls = self.joined_rows = 0   # calls made, and the rows they held
+        threading.Thread(target=self._loop, name="cafi-joined", daemon=True).start()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __call__(self, x: np.ndarray):
+        if len(x) == 0:
+            return self._inner(x)
+        done, box = threading.Event(), {}
+        self._queue.put((x, done, box))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def _loop(self) -> None:
+        while True:
+            pending = [self._queue.get()]
+            end = time.monotonic() + self._max_wait
+            while sum(len(p[0]) for p in pending) < self._max_batch and (left := end - time.monotonic()) > 0:
+                try:
+                    pending.append(self._queue.get(timeout=left))
+                except queue.Empty:
+                    break
+            try:
+                result = self._inner(np.concatenate([p[0] for p in pending]))
+                self.joined_calls += 1
+                self.joined_rows += sum(len(p[0]) for p in pending)
+                at = 0
+                for x, _, box in pending:
+                    box["result"] = take_rows(result, at, at + len(x))
+                    at += len(x)
+            except Exception as e:   # every caller of this call sees the engine's error
+                for _, _, box in pending:
+                    box["error"] = e
+            for _, done, _ in pending:
+                done.set()

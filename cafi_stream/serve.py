@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from .batching import JoinedEngine
 from .config import Config, cli_options, load_config
 from .errors import InputError
 from .outdir import OutputDir, check_output_file
@@ -236,7 +237,12 @@ class Service:
         if jsonl is not None and jsonl != "-":
             check_output_file(jsonl, "--events")
         sinks = tuple(s for s in (WebhookSink(webhook) if webhook else None, MqttSink(mqtt) if mqtt else None) if s)
-        self.models = Models.load(self.cfg)
+        models = Models.load(self.cfg)
+        # Faces from every camera meet in one SER-FIQ and one IQA call (within runtime.max_wait_ms).
+        rt = self.cfg.runtime
+        self.models = dataclasses.replace(
+            models, serfiq=JoinedEngine(models.serfiq, rt.max_batch, rt.max_wait_ms),
+            iqa=JoinedEngine(models.iqa, rt.max_batch, rt.max_wait_ms) if models.iqa is not None else None)
         self.out.claim(serve=True)   # locked: one service per folder
         self.root = self.out.root
         self.publisher = Publisher(self.root, jsonl, sinks, with_images)

@@ -86,3 +86,45 @@ def test_profile_faces_by_their_eye_span():
     collapsed = np.array([[90, 50], [101, 56], [61, 110], [111, 160], [115, 161]], np.float32)   # a real one, shifted
     assert not in_profile(frontal, 112) and in_profile(collapsed, 293)
     assert abs(yaw_ratio(collapsed)) < 0.45   # what the yaw gate alone let through
+
+
+def test_joined_engine_gives_each_thread_its_own_rows_from_shared_calls():
+    """serve's cameras share one engine: arrays from 8 threads are joined into fewer calls, each thread gets exactly
+    its own rows back (also through a dataclass result), and an engine error reaches every caller of that call."""
+    import threading
+    import time
+
+    from cafi_stream.batching import JoinedEngine
+    from cafi_stream.serfiq import SerFiqResult
+
+    def engine(x):
+        time.sleep(0.01)
+        return SerFiqResult(x[:, 0] * 2, x * 3)
+
+    joined = JoinedEngine(engine, max_batch=64, max_wait_ms=50)
+    results, errors = {}, []
+
+    def call(i):
+        x = np.full((i % 3 + 1, 4), float(i))
+        r = joined(x)
+        results[i] = (x, r)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, r in results.values():
+        assert np.array_equal(r.scores, x[:, 0] * 2) and np.array_equal(r.embeddings, x * 3)
+    assert joined.joined_rows == sum(len(x) for x, _ in results.values())
+    assert joined.joined_calls < 8
+
+    def broken(x):
+        raise RuntimeError("engine failed")
+
+    failing = JoinedEngine(broken, max_batch=8, max_wait_ms=10)
+    try:
+        failing(np.zeros((1, 2)))
+    except RuntimeError as e:
+        errors.append(str(e))
+    assert errors == ["engine failed"]

@@ -60,12 +60,13 @@ def take_rows(result, a: int, b: int):
 
 
 class JoinedEngine:
-    """One engine shared by many threads (`serve`'s cameras): the arrays that callers pass within `max_wait_ms` of
-    each other (up to `max_batch` rows) are joined into one call, and each caller gets its own rows back. Other
-    attributes are the engine's."""
+    """One engine shared by many threads (`serve`'s cameras): the calls that arrive while the engine is busy are
+    joined into its next call (up to `max_batch` rows), and each caller gets its own rows back. Nothing waits for
+    company: an idle engine runs a call at once, so joining adds no latency, and batches grow with the load.
+    Other attributes are the engine's."""
 
-    def __init__(self, engine, max_batch: int, max_wait_ms: float):
-        self._inner, self._max_batch, self._max_wait = engine, max(1, max_batch), max_wait_ms / 1000.0
+    def __init__(self, engine, max_batch: int):
+        self._inner, self._max_batch = engine, max(1, max_batch)
         self._queue: queue.Queue = queue.Queue()
         self.joined_calls = self.joined_rows = 0   # calls made, and the rows they held
         threading.Thread(target=self._loop, name="cafi-joined", daemon=True).start()
@@ -86,10 +87,9 @@ class JoinedEngine:
     def _loop(self) -> None:
         while True:
             pending = [self._queue.get()]
-            end = time.monotonic() + self._max_wait
-            while sum(len(p[0]) for p in pending) < self._max_batch and (left := end - time.monotonic()) > 0:
+            while sum(len(p[0]) for p in pending) < self._max_batch:
                 try:
-                    pending.append(self._queue.get(timeout=left))
+                    pending.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             try:

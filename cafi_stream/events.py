@@ -72,7 +72,8 @@ class JsonLinesSink:
     def __init__(self, target: str):
         self.target = target
         self._lock = threading.Lock()
-        self._file = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")
+        # The CLI sends library prints to stderr while it works: "-" is the process's real stdout.
+        self._file = sys.__stdout__ if target == "-" else open(target, "a", encoding="utf-8")
 
     def send(self, payload: bytes, event_id: str) -> None:
         with self._lock:
@@ -80,7 +81,7 @@ class JsonLinesSink:
             self._file.flush()
 
     def close(self) -> None:
-        if self._file is not sys.stdout:
+        if self._file is not sys.__stdout__:
             self._file.close()
 
 

@@ -106,10 +106,24 @@ def unique(specs: list[CameraSpec]) -> list[CameraSpec]:
     return specs
 
 
+class Histogram:
+    """Counts of values at or under each bound, their number and sum: fixed memory however long a camera runs."""
+
+    BOUNDS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+    def __init__(self):
+        self.counts = [0] * len(self.BOUNDS)
+        self.n, self.sum = 0, 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.BOUNDS):
+            self.counts[i] += value <= bound
+        self.n += 1
+        self.sum += value
+
+
 class Camera:
     """One camera's pipeline thread and its figures."""
-
-    LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
     def __init__(self, spec: CameraSpec, cfg: Config, models, root: Path, publish):
         self.spec, self.cfg, self.models, self.root, self.publish = spec, cfg, models, root, publish
@@ -118,7 +132,7 @@ class Camera:
         self.state = "starting"
         self.error: str | None = None
         self.latest: Event | None = None
-        self.latencies: list[float] = []   # frame-to-event seconds, drained by the metrics
+        self.latency = Histogram()   # frame-to-event seconds of final events
         self._frames: deque[tuple[float, float]] = deque(maxlen=4096)   # (pts, wall) of recent frames
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         session, n = stamp, 1
@@ -174,8 +188,11 @@ class Camera:
                       tuple(row.to_json() for row in rows), images, self._seen_at(result.span[1]))
         self.latest = event
         if result.final:
-            self.latencies.append(max(0.0, event.created - event.seen_at))
-        self.publish(event)
+            self.latency.observe(max(0.0, event.created - event.seen_at))
+        try:
+            self.publish(event)
+        except OSError as e:   # a full disk under the spool or the events file: the camera goes on, its files are written
+            log.error("camera %s: event %s not published: %s", self.spec.name, event.id, e)
 
 
 class Publisher:
@@ -238,11 +255,10 @@ class Service:
             check_output_file(jsonl, "--events")
         sinks = tuple(s for s in (WebhookSink(webhook) if webhook else None, MqttSink(mqtt) if mqtt else None) if s)
         models = Models.load(self.cfg)
-        # Faces from every camera meet in one SER-FIQ and one IQA call (within runtime.max_wait_ms).
-        rt = self.cfg.runtime
-        self.models = dataclasses.replace(
-            models, serfiq=JoinedEngine(models.serfiq, rt.max_batch, rt.max_wait_ms),
-            iqa=JoinedEngine(models.iqa, rt.max_batch, rt.max_wait_ms) if models.iqa is not None else None)
+        # Faces of every camera that wait while an engine is busy go into its next call together.
+        batch = self.cfg.runtime.max_batch
+        self.models = dataclasses.replace(models, serfiq=JoinedEngine(models.serfiq, batch),
+                                          iqa=JoinedEngine(models.iqa, batch) if models.iqa is not None else None)
         self.out.claim(serve=True)   # locked: one service per folder
         self.root = self.out.root
         self.publisher = Publisher(self.root, jsonl, sinks, with_images)

@@ -16,7 +16,7 @@ import re
 import threading
 
 from .errors import CafiError, InputError
-from .serve import CameraSpec, Camera, Service
+from .serve import CameraSpec, Service
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ class Metrics:
         self.service = service
         self.registry = CollectorRegistry()
         self.registry.register(self)
-        self._latency: dict[str, list[float]] = {}
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -87,11 +86,9 @@ class Metrics:
         hist = HistogramMetricFamily("cafi_frame_to_event_seconds",
                                      "from the frame a track was last seen in to its event", labels=["camera"])
         for cam in cams:
-            seen = self._latency.setdefault(cam.spec.name, [])
-            while cam.latencies:
-                seen.append(cam.latencies.pop(0))
-            buckets = [(str(b), float(sum(v <= b for v in seen))) for b in Camera.LATENCY_BUCKETS]
-            hist.add_metric([cam.spec.name], buckets + [("+Inf", float(len(seen)))], sum_value=float(sum(seen)))
+            h = cam.latency
+            buckets = [(str(b), float(c)) for b, c in zip(h.BOUNDS, h.counts)] + [("+Inf", float(h.n))]
+            hist.add_metric([cam.spec.name], buckets, sum_value=h.sum)
         yield hist
 
 

@@ -89,8 +89,9 @@ def test_profile_faces_by_their_eye_span():
 
 
 def test_joined_engine_gives_each_thread_its_own_rows_from_shared_calls():
-    """serve's cameras share one engine: arrays from 8 threads are joined into fewer calls, each thread gets exactly
-    its own rows back (also through a dataclass result), and an engine error reaches every caller of that call."""
+    """serve's cameras share one engine: arrays from 8 threads that arrive while it is busy are joined into fewer
+    calls, each thread gets exactly its own rows back (also through a dataclass result), and an engine error reaches
+    every caller of that call."""
     import threading
     import time
 
@@ -101,7 +102,7 @@ def test_joined_engine_gives_each_thread_its_own_rows_from_shared_calls():
         time.sleep(0.01)
         return SerFiqResult(x[:, 0] * 2, x * 3)
 
-    joined = JoinedEngine(engine, max_batch=64, max_wait_ms=50)
+    joined = JoinedEngine(engine, max_batch=64)
     results, errors = {}, []
 
     def call(i):
@@ -122,7 +123,7 @@ def test_joined_engine_gives_each_thread_its_own_rows_from_shared_calls():
     def broken(x):
         raise RuntimeError("engine failed")
 
-    failing = JoinedEngine(broken, max_batch=8, max_wait_ms=10)
+    failing = JoinedEngine(broken, max_batch=8)
     try:
         failing(np.zeros((1, 2)))
     except RuntimeError as e:

@@ -159,10 +159,11 @@ class LiveClock:
 class LiveDecoder:
     """The `Decoder` interface (`info`, `stats`, `frames()`, `stop()`) for sources that never end by themselves."""
 
-    def __init__(self, source: str, queue_size: int = 8, threads: int = 0, options: LiveOptions | None = None):
+    def __init__(self, source: str, queue_size: int = 8, threads: int = 0, options: LiveOptions | None = None,
+                 stop: threading.Event | None = None):
         self.opts = options or LiveOptions()
         self.stats = LiveStats()
-        self._stop = threading.Event()
+        self._stop = stop if stop is not None else threading.Event()   # a caller's, to stop it while it connects
         self._prepare: Prepare | None = None
         self._gen = 0                 # connection generation: frames of an abandoned connection are ignored
         self._t0 = time.monotonic()

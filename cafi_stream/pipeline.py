@@ -410,14 +410,15 @@ def frame_results(state: _Run, frames: Iterator[VideoFrame], max_frames: int = 0
                 return
 
 
-def open_source(source: str, cfg: Config):
-    """A file decoder, or a live one for stream URLs, capture devices and `live.loop` files."""
+def open_source(source: str, cfg: Config, stop: threading.Event | None = None):
+    """A file decoder, or a live one for stream URLs, capture devices and `live.loop` files. `stop` also ends a
+    live source's first connection attempts (a camera whose server is down when it starts)."""
     if is_live(source) or cfg.live.loop:
         lv = cfg.live
         opts = LiveOptions(transport=lv.transport, open_timeout=lv.open_timeout, read_timeout=lv.read_timeout,
                            reconnect_max=lv.reconnect_max, backoff_initial=lv.backoff_initial,
                            backoff_max=lv.backoff_max, loop=lv.loop)
-        return LiveDecoder(source, lv.queue_size, cfg.decode.threads, opts)
+        return LiveDecoder(source, lv.queue_size, cfg.decode.threads, opts, stop)
     return Decoder(source, cfg.decode.queue_size, cfg.decode.threads)
 
 
@@ -460,7 +461,7 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
     for path, flag in ((scores_out, "--scores-out"), (stats_json, "--stats-json")):
         if path is not None:
             check_output_file(path, flag)
-    decoder = open_source(source, cfg)
+    decoder = open_source(source, cfg, hooks.stop if hooks is not None else None)
     own_models = models is None
     if own_models:
         models = Models.load(cfg, random_dbcnn=random_dbcnn)

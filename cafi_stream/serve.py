@@ -165,6 +165,9 @@ class Camera:
             self.health.update(result.summary.get("live") or {})
             self.state = "stopped"
         except Exception as e:   # one camera's failure ends only its own thread
+            if self.stop_event.is_set():   # stopped while it was still connecting
+                self.state = "stopped"
+                return
             self.state, self.error = "failed", redact(str(e))
             log.error("camera %s: %s", self.spec.name, self.error)
 

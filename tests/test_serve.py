@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -268,3 +269,20 @@ def test_page_shows_each_cameras_latest_faces_and_updates(tmp_path):
         stop(proc)
     made = {json.loads(line)["id"] for line in events.read_text().splitlines()}
     assert set(first.values()) <= made   # the page showed the events the service made
+
+
+def test_a_camera_that_never_connects_stalls_neither_the_others_nor_the_shutdown(tmp_path):
+    """One camera's URL has nothing listening: it keeps retrying while the other camera writes tracks, /api/cameras
+    shows it disconnected, and SIGINT still exits 0 at once."""
+    dead = f"rtsp://127.0.0.1:{free_port()}/nothing"
+    events = tmp_path / "events.jsonl"
+    proc = serve(tmp_path / "out", VIDEO, dead, "--loop", "--http", "127.0.0.1:0", "--events", f"jsonl:{events}")
+    url = base_url(proc)
+    wait_for(lambda: events.exists() and events.read_text().strip(), 120, "the live camera's events", proc)
+    states = {c["name"]: c for c in json.loads(get(url + "/api/cameras")[1])["cameras"]}
+    assert states["nothing"]["connected"] is not True and states["short_hamilton_clip"]["connected"]
+    t0 = time.monotonic()
+    stdout, _ = stop(proc)
+    assert time.monotonic() - t0 < 60
+    cams = json.loads(stdout.strip().splitlines()[-1])["cameras"]
+    assert cams["nothing"]["state"] == "stopped" and cams["short_hamilton_clip"]["state"] == "stopped"

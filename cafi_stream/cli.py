@@ -217,7 +217,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", help="jsonl:FILE, or - for stdout: one JSON line per event")
     p.add_argument("--webhook", help="POST each event to this http(s) URL (spooled, retried with backoff)")
     p.add_argument("--mqtt", help="publish each event to mqtt://HOST[:PORT]/TOPIC (spooled, retried)")
-    p.add_argument("--event-images", action="store_true", help="events carry their images (base64 JPEG)")
+    p.add_argument("--event-images", action="store_true", help="events carry their crop files (base64)")
     p.add_argument("--config", help="TOML file overlaid on configs/default.toml")
     groups = {"": p, "dataset": p.add_argument_group("dataset"),
               "live": p.add_argument_group("live sources (rtsp://, http(s)://, /dev/video*, --loop)")}

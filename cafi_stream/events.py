@@ -42,7 +42,7 @@ class Event:
     seen_at: float                      # wall time (Unix seconds) when the track was last seen
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
-    image_bytes: dict | None = None     # file -> base64 JPEG, with --event-images
+    image_bytes: dict | None = None     # crop file -> its bytes in base64 (JPEG, PNG), with --event-images
 
     def to_json(self) -> bytes:
         body = {"id": self.id, "type": "track" if self.final else "snapshot", "camera": self.camera,

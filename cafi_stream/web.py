@@ -149,7 +149,8 @@ class WebServer:
             def wrap(handler):
                 async def inner(request):
                     if not self._allowed(request, write):
-                        return web.json_response({"error": "forbidden"}, status=403)
+                        why = "a token is needed" if self.token else "the service was started without --token"
+                        return web.json_response({"error": f"forbidden: {why}"}, status=403)
                     return await handler(request)
                 return inner
             return wrap

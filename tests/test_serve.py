@@ -1,5 +1,6 @@
 """`cafi-stream serve`: many cameras in one process, events to real receivers, /metrics, the camera API, signals."""
 
+import base64
 import json
 import os
 import shutil
@@ -96,9 +97,9 @@ def written(out: Path, camera: str) -> list[dict]:
 
 def test_two_cameras_one_process_events_metrics_api_and_webhook_across_a_restart(tmp_path):
     """Two looped cameras (one with its own --topk) in one process. The webhook receiver is down for the whole
-    first session (its events wait in the spool), then the service is restarted with the receiver up: every event
-    id the service made reaches it. /metrics answers in Prometheus format, the camera API needs the token, the
-    latest faces' images load, and SIGINT exits 0 with every open track written."""
+    first session, 60 s and more (its events wait in the spool), then the service is restarted with the receiver
+    up: every event id the service made reaches it. /metrics answers in Prometheus format, the camera API needs
+    the token, the latest faces' images load, and SIGINT exits 0 with every open track written."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out, events, port = tmp_path / "out", tmp_path / "events.jsonl", free_port()
@@ -107,6 +108,7 @@ def test_two_cameras_one_process_events_metrics_api_and_webhook_across_a_restart
               "--webhook", f"http://127.0.0.1:{port}/hook")
 
     proc = serve(out, *common)
+    down_since = time.monotonic()
     url = base_url(proc)
     wait_for(lambda: events.exists() and len(events.read_text().splitlines()) >= 4, 120, "events", proc)
     assert get(url + "/healthz")[0] == 200
@@ -130,6 +132,7 @@ def test_two_cameras_one_process_events_metrics_api_and_webhook_across_a_restart
     status, jpeg, _ = get(f"{url}/files/{image}", TOKEN)
     assert status == 200 and jpeg[:2] == b"\xff\xd8"
     assert get(f"{url}/files/../../etc/passwd", TOKEN)[0] == 404
+    wait_for(lambda: time.monotonic() - down_since > 60, 90, "60 s of the receiver down", proc)
     stop(proc)
     first = [json.loads(line)["id"] for line in events.read_text().splitlines()]
     assert list((out / "_events" / "webhook").glob("*.json"))   # kept for the next session
@@ -206,19 +209,28 @@ def test_events_reach_an_mqtt_broker(tmp_path):
     broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     got: list[str] = []
+    images: list[bytes] = []
+
+    def on_message(client, userdata, msg):
+        event = json.loads(msg.payload)
+        got.append(event["id"])
+        images.extend(base64.b64decode(b) for b in event["image_bytes"].values())
+
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.on_message = lambda c, u, msg: got.append(json.loads(msg.payload)["id"])
+    client.on_message = on_message
     try:
         wait_for(lambda: client.connect("127.0.0.1", port) == 0 if _can_connect(port) else False, 20, "mosquitto")
         client.subscribe("cafi/events", qos=1)
         client.loop_start()
         out, events = tmp_path / "out", tmp_path / "events.jsonl"
-        proc = serve(out, VIDEO, "--loop", "--http", "off", "--events", f"jsonl:{events}",
+        proc = serve(out, VIDEO, "--loop", "--http", "off", "--events", f"jsonl:{events}", "--event-images",
                      "--mqtt", f"mqtt://127.0.0.1:{port}/cafi/events")
         wait_for(lambda: events.exists() and len(events.read_text().splitlines()) >= 2, 120, "events", proc)
         stop(proc)
         made = {json.loads(line)["id"] for line in events.read_text().splitlines()}
         wait_for(lambda: made <= set(got), 20, "the events over MQTT")
+        # --event-images: each event carries its crops (context JPEG, aligned and masked PNG)
+        assert images and all(b[:2] == b"\xff\xd8" or b[:4] == b"\x89PNG" for b in images)
     finally:
         client.loop_stop()
         broker.kill()
@@ -264,11 +276,21 @@ def test_page_shows_each_cameras_latest_faces_and_updates(tmp_path):
         first = cameras_with_faces()
         wait_for(lambda: any(cameras_with_faces().get(n) != e for n, e in first.items()), 120,
                  "a newer event on the page", proc)
+        # Cameras come and go without a restart: through the API (with the token), and on SIGHUP.
+        names = lambda: {c["name"] for c in json.loads(get(url + "/api/cameras", TOKEN)[1])["cameras"]}  # noqa: E731
+        lobby = {"name": "lobby", "url": str(VIDEO), "loop": True}
+        assert get(url + "/api/cameras", TOKEN, "POST", lobby)[0] == 201 and names() == {"door", "hall", "lobby"}
+        assert get(url + "/api/cameras", TOKEN, "POST", {**lobby, "nonsense": 1})[0] == 400
+        assert get(url + "/api/cameras/lobby", TOKEN, "DELETE")[0] == 200 and names() == {"door", "hall"}
+        cams.write_text(cams.read_text().split("[[camera]]\nname = \"hall\"")[0])
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: names() == {"door"}, 60, "hall gone after SIGHUP", proc)
     finally:
         driver.quit()
         stop(proc)
     made = {json.loads(line)["id"] for line in events.read_text().splitlines()}
     assert set(first.values()) <= made   # the page showed the events the service made
+    assert list((tmp_path / "out" / "lobby").glob("*/summary.json"))   # a removed camera finished its files
 
 
 def test_a_camera_that_never_connects_stalls_neither_the_others_nor_the_shutdown(tmp_path):

@@ -103,9 +103,14 @@ const q = new URLSearchParams(location.search).get("token");
 const auth = q ? "?token=" + encodeURIComponent(q) : "";
 function el(tag, attrs, text) { const e = document.createElement(tag);
   for (const k in attrs) e.setAttribute(k, attrs[k]); if (text !== undefined) e.textContent = text; return e; }
+let shown = "";
 async function refresh() {
   const r = await fetch("/api/latest" + auth); if (!r.ok) return;
-  const data = await r.json(); const root = document.getElementById("cams"); root.replaceChildren();
+  const data = await r.json();
+  const now = JSON.stringify(data.cameras.map(c => [c.name, c.state, c.event]));
+  if (now === shown) return;   // redraw (and reload images) only when something changed
+  shown = now;
+  const root = document.getElementById("cams"); root.replaceChildren();
   for (const cam of data.cameras) {
     const div = el("div", {class: "cam", "data-camera": cam.name, "data-event": cam.event || ""});
     div.appendChild(el("h2", {}, cam.name + " (" + cam.state + ")"));

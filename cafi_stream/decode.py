@@ -305,15 +305,32 @@ def open_video(source: str, threads: int = 0, options: dict | None = None, timeo
     return container, stream, info
 
 
-class Decoder:
-    """Decodes in its own thread and hands frames over through a `FrameQueue`; its bound gives back-pressure."""
+def stop_with(caller: threading.Event | None, own: threading.Event) -> None:
+    """Set a decoder's `own` stop once a `caller`'s stop is set (from any thread). Never the other way: a decoder
+    that stops by itself (the input ended or failed) does not look stopped to its caller."""
+    if caller is None:
+        return
 
-    def __init__(self, source: str, queue_size: int = 16, threads: int = 0):
+    def wait() -> None:
+        while not caller.wait(0.2):
+            if own.is_set():
+                return
+        own.set()
+
+    threading.Thread(target=wait, name="cafi-stop", daemon=True).start()
+
+
+class Decoder:
+    """Decodes in its own thread and hands frames over through a `FrameQueue`; its bound gives back-pressure.
+    `stop`, a caller's event, stops it as `stop()` does."""
+
+    def __init__(self, source: str, queue_size: int = 16, threads: int = 0, stop: threading.Event | None = None):
         self.container, self.stream, self.info = open_video(source, threads)
         self.queue_size = queue_size
         self._prepare: Prepare | None = None
         self.stats = DecodeStats()
         self._stop = threading.Event()
+        stop_with(stop, self._stop)
 
     def stop(self) -> None:
         self._stop.set()

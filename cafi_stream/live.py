@@ -20,7 +20,7 @@ from typing import Iterator
 import av
 
 from .decode import (DecodeStats, EndOfFrames, FrameQueue, Prepare, VideoFrame, open_video, quarter_turns,
-                     rotate_tag)
+                     rotate_tag, stop_with)
 from .errors import InputError, StreamError
 from .sources import is_url, redact
 
@@ -163,7 +163,8 @@ class LiveDecoder:
                  stop: threading.Event | None = None):
         self.opts = options or LiveOptions()
         self.stats = LiveStats()
-        self._stop = stop if stop is not None else threading.Event()   # a caller's, to stop it while it connects
+        self._stop = threading.Event()
+        stop_with(stop, self._stop)   # a caller's stop also ends the first connection attempts below
         self._prepare: Prepare | None = None
         self._gen = 0                 # connection generation: frames of an abandoned connection are ignored
         self._t0 = time.monotonic()

@@ -411,15 +411,15 @@ def frame_results(state: _Run, frames: Iterator[VideoFrame], max_frames: int = 0
 
 
 def open_source(source: str, cfg: Config, stop: threading.Event | None = None):
-    """A file decoder, or a live one for stream URLs, capture devices and `live.loop` files. `stop` also ends a
-    live source's first connection attempts (a camera whose server is down when it starts)."""
+    """A file decoder, or a live one for stream URLs, capture devices and `live.loop` files; `stop`, a caller's
+    event, stops either (a live one's first connection attempts too: a camera whose server is down at start)."""
     if is_live(source) or cfg.live.loop:
         lv = cfg.live
         opts = LiveOptions(transport=lv.transport, open_timeout=lv.open_timeout, read_timeout=lv.read_timeout,
                            reconnect_max=lv.reconnect_max, backoff_initial=lv.backoff_initial,
                            backoff_max=lv.backoff_max, loop=lv.loop)
         return LiveDecoder(source, lv.queue_size, cfg.decode.threads, opts, stop)
-    return Decoder(source, cfg.decode.queue_size, cfg.decode.threads)
+    return Decoder(source, cfg.decode.queue_size, cfg.decode.threads, stop)
 
 
 def process(source: str, cfg: Config, models: Models | None = None, random_dbcnn: bool = False
@@ -477,14 +477,6 @@ def run(source: str, cfg: Config, out_dir: str | Path | None = None, models: Mod
             models.close()
 
 
-def _stop_on(event: threading.Event, decoder) -> None:
-    """Stop `decoder` once `event` is set (a caller's stop, from any thread)."""
-    def wait():
-        event.wait()
-        decoder.stop()
-    threading.Thread(target=wait, name="cafi-stop", daemon=True).start()
-
-
 def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float, progress: bool, on_status,
                  stats_json, scores_out, finalize: bool, exports: tuple[str, ...], hooks: RunHooks) -> RunResult:
     name = decoder.info.source   # credentials redacted
@@ -507,8 +499,6 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
             total = min(total, decoder.info.frames)
         bar = tqdm(total=total, unit="frame", dynamic_ncols=True, leave=False)
     signals = _Signals(decoder)
-    if hooks.stop is not None:
-        _stop_on(hooks.stop, decoder)
     frame_hooks = [h for h in ((lambda f: bar.update(1)) if bar else None, hooks.on_frame) if h is not None]
 
     def deliver(result: TrackResult) -> None:

@@ -57,3 +57,24 @@ def test_a_tracked_face_is_found_again_around_its_last_box(street):
         assert len(analysis.around(later, sky[None], min_iou=0.3)[0]) == 0
     finally:
         analysis.close()
+
+
+def test_a_callers_stop_ends_a_decoder_but_a_decoder_that_ends_does_not_look_stopped():
+    """`stop` links a caller's event to a decoder one way: a file read to its end leaves the caller's event unset
+    (serve would take a camera that failed for one that was stopped), and setting it ends a looped live source."""
+    import threading
+
+    from cafi_stream.decode import Decoder
+    from cafi_stream.live import LiveDecoder, LiveOptions
+    from conftest import VIDEO
+
+    stop = threading.Event()
+    assert sum(1 for _ in Decoder(str(VIDEO), stop=stop).frames()) == 275
+    assert not stop.is_set()
+    live = LiveDecoder(str(VIDEO), options=LiveOptions(loop=True), stop=stop)
+    seen = 0
+    for _ in live.frames():
+        seen += 1
+        if seen == 5:
+            stop.set()
+    assert 5 <= seen < 275

@@ -11,6 +11,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from .fusion import TrackScores, signal_vector
+
 
 def sharpness(aligned: np.ndarray) -> float:
     """Variance of the Laplacian of the aligned face: on one fixed scale, so comparable across faces."""
@@ -38,14 +40,15 @@ def in_profile(five: np.ndarray, side: float) -> bool:
 
 
 class SampleGate:
-    """Per track, of the faces sampled within one `window` (seconds of video) only the one `ranking` prefers goes
-    on to SER-FIQ: the recognition network, the costliest step per face, is spent on the face that a cheap
-    ranking of the capture measures picks, not on each near-duplicate. `ranking` (fusion.MeasureRanking) sees every
-    face and compares two faces of a track. `window` 0: every face goes on."""
+    """Per track, of the faces sampled within one `window` (seconds of video) only the best goes on to SER-FIQ:
+    the recognition network, the costliest step per face, is spent on the face that a cheap ranking picks, not on
+    each near-duplicate. The ranking is the learned fusion on the capture measures alone (`scores`, a
+    fusion.TrackScores that leaves SER-FIQ and IQA out), or without one the faces' `proxy` (detail). `window` 0:
+    every face goes on."""
 
-    def __init__(self, window: float, ranking):
+    def __init__(self, window: float, scores: TrackScores | None):
         self.window = window
-        self.ranking = ranking
+        self.scores = scores
         self._held: dict[int, tuple[int, object]] = {}   # track -> (window, face)
         self.skipped = 0
 
@@ -53,22 +56,34 @@ class SampleGate:
         """The faces to score now: the held one of this track's previous window, when `face` opens a new one."""
         if self.window <= 0:
             return [face]
-        self.ranking.observe(track_id, face)
+        if self.scores is not None:
+            self.scores.observe(track_id, _measured(face))
         w = int(pts // self.window)
         held = self._held.get(track_id)
         if held is not None and held[0] == w:
             self.skipped += 1
-            if self.ranking.better(track_id, face, held[1]):
+            if self._better(track_id, face, held[1]):
                 self._held[track_id] = (w, face)
             return []
         self._held[track_id] = (w, face)
         return [held[1]] if held is not None else []
 
+    def _better(self, track_id: int, a, b) -> bool:
+        if self.scores is None:
+            return a.proxy > b.proxy
+        return self.scores.score(track_id, _measured(a)) > self.scores.score(track_id, _measured(b))
+
     def release(self, track_id: int) -> list:
         """An ending track's held face."""
-        self.ranking.forget(track_id)
+        if self.scores is not None:
+            self.scores.forget(track_id)
         held = self._held.pop(track_id, None)
         return [held[1]] if held is not None else []
+
+
+def _measured(face) -> np.ndarray:
+    """A face's signals before SER-FIQ: its capture measures."""
+    return signal_vector(math.nan, None, face.measures)
 
 
 @dataclass(order=True)

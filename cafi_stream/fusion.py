@@ -152,31 +152,24 @@ class FusionModel:
         return self.features(x, standardise(x)) @ self.weights if len(x) else np.zeros(0)
 
 
-class MeasureRanking:
-    """Faces of one track compared on their capture measures alone, before SER-FIQ and IQA: the learned fusion's
-    score with both left out, both faces judged now on the statistics of every face of the track seen so far.
-    Without a model (the z-score and filter fusions), by the face's own `proxy` (detail)."""
+class TrackScores:
+    """Per track, the statistics of every face seen so far, and a face's fused score against them with the signals
+    in `leave_out` at the track's typical value: how the cascade judges faces that do not have every signal yet.
+    Two faces are compared on the statistics of now, since a track's statistics move."""
 
-    def __init__(self, model: FusionModel | None):
+    def __init__(self, model: FusionModel, leave_out: tuple[str, ...] = ()):
         self.model = model
-        self.stats: dict[int, RunningStats] = {}
+        self._out = np.isin(NAMES, leave_out)
+        self._stats: dict[int, RunningStats] = {}
 
-    @staticmethod
-    def _signals(face) -> np.ndarray:
-        return signal_vector(math.nan, None, face.measures)
+    def observe(self, track_id: int, x: np.ndarray) -> None:
+        self._stats.setdefault(track_id, RunningStats()).add(x)
 
-    def observe(self, track_id: int, face) -> None:
-        if self.model is not None:
-            self.stats.setdefault(track_id, RunningStats()).add(self._signals(face))
-
-    def better(self, track_id: int, a, b) -> bool:
-        if self.model is None:
-            return a.proxy > b.proxy
-        stats = self.stats.get(track_id) or RunningStats()
-        return self.model.score(self._signals(a), stats) > self.model.score(self._signals(b), stats)
+    def score(self, track_id: int, x: np.ndarray) -> float:
+        return self.model.score(np.where(self._out, np.nan, x), self._stats.get(track_id) or RunningStats())
 
     def forget(self, track_id: int) -> None:
-        self.stats.pop(track_id, None)
+        self._stats.pop(track_id, None)
 
 
 @functools.lru_cache(maxsize=4)

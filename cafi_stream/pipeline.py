@@ -30,7 +30,7 @@ from .decode import Decoder, VideoFrame
 from .analyse import Analyser, EndedTrack, FaceAnalysis, nothing_kept
 from .backend import resolve_device
 from .errors import OutputError
-from .fusion import FusionModel, MeasureRanking, ranking_fusion, signal_vector
+from .fusion import FusionModel, TrackScores, ranking_fusion, signal_vector
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .models import default_models_dir, resolve_fr_model, sha256_of
@@ -165,7 +165,7 @@ class _Run:
         self.exhaustive = c.exhaustive
         # Baseline rankers score every sampled face: they are measured against what they see.
         self.gate = SampleGate(c.serfiq_window if self.method == "cafi" and not c.exhaustive else 0.0,
-                               MeasureRanking(model))
+                               TrackScores(model, ("serfiq", "iqa")) if model is not None else None)
         self.scheduler = IqaScheduler(c.iqa_budget, c.iqa_burst, window=max(c.iqa_window, cfg.output.min_gap),
                                       max_age=c.max_age,
                                       exhaustive=c.exhaustive,

@@ -12,10 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from .fusion import NAMES, FusionModel, RunningStats
+from .fusion import FusionModel, RunningStats, TrackScores
 
 _BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
-_IQA = NAMES.index("iqa")
 
 
 @dataclass(frozen=True, eq=False)   # pools hold faces by identity; numpy fields make field equality meaningless
@@ -175,7 +174,8 @@ class Selector:
         self.pools: dict[int, TrackPool] = {}
         # Ranked by SER-FIQ: a track's answer when its IQA budget never reached it.
         self.fallback: dict[int, TrackPool] = {}
-        self.seen: dict[int, RunningStats] = {}   # per track: the signals of every face before its IQA call
+        # Per track, the signals of every face before its IQA call: the cascade's proxy.
+        self.before_iqa = TrackScores(model, ("iqa",)) if model is not None else None
 
     def _pool(self, track_id: int) -> TrackPool:
         pool = self.pools.get(track_id)
@@ -213,12 +213,8 @@ class Selector:
         noisy face's detail is high, its fused score is not); otherwise the face's own proxy (`detail`)."""
         if self.fusion != "learned":
             return face.proxy
-        stats = self.seen.setdefault(face.track_id, RunningStats())
-        stats.add(face.signals)
-        return self._before_iqa(face.signals, stats)
-
-    def _before_iqa(self, signals: np.ndarray, stats: RunningStats) -> float:
-        return self.model.score(np.where(np.arange(len(signals)) == _IQA, np.nan, signals), stats)
+        self.before_iqa.observe(face.track_id, face.signals)
+        return self.before_iqa.score(face.track_id, face.signals)
 
     def could_enter(self, face: ScoredFace) -> bool:
         """False when the face's track already holds top-k faces that all beat it on the proxy. With the learned
@@ -230,8 +226,8 @@ class Selector:
             return True
         if self.fusion != "learned":
             return face.proxy > min(f.proxy for f in faces)
-        stats = self.seen.get(face.track_id) or RunningStats()
-        return self._before_iqa(face.signals, stats) > min(self._before_iqa(f.signals, stats) for f in faces)
+        score = self.before_iqa.score
+        return score(face.track_id, face.signals) > min(score(face.track_id, f.signals) for f in faces)
 
     def passes(self, track_id: int, serfiq: float) -> bool:
         """Record a face's SER-FIQ score; True when it passes the track's threshold (and is worth an IQA call)."""
@@ -251,7 +247,8 @@ class Selector:
         kept = self.peek(track_id)
         self.pools.pop(track_id, None)
         self.fallback.pop(track_id, None)
-        self.seen.pop(track_id, None)
+        if self.before_iqa is not None:
+            self.before_iqa.forget(track_id)
         return kept
 
     def peek(self, track_id: int) -> list[KeptFace]:

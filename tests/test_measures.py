@@ -205,12 +205,12 @@ def test_sample_gate_spends_serfiq_on_the_clean_face_of_each_window(faces):
     raises."""
     from cafi_stream.align import crop_face
     from cafi_stream.cascade import SampleGate
-    from cafi_stream.fusion import FusionModel, MeasureRanking
+    from cafi_stream.fusion import FusionModel, TrackScores
     from cafi_stream.landmarks import keypoint_landmarks
     from cafi_stream.select import ScoredFace
 
-    gates = {"fusion": SampleGate(0.3, MeasureRanking(FusionModel.load(iqa=True))),
-             "detail": SampleGate(0.3, MeasureRanking(None))}
+    gates = {"fusion": SampleGate(0.3, TrackScores(FusionModel.load(iqa=True), ("serfiq", "iqa"))),
+             "detail": SampleGate(0.3, None)}
     kinds = ("noise", "gauss", "jpeg", "dark")
     clean, released, windows = set(), {name: [] for name in gates}, 0
     for i, (img, box, lm) in enumerate(faces):

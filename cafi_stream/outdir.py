@@ -26,7 +26,10 @@ REPORT = "report.html"
 PARQUET = "dataset.parquet"   # not metadata.parquet: imagefolder would take that for a second metadata file
 MANIFEST = "manifest.jsonl"   # marks a batch dataset
 LOCK = ".cafi.lock"
-SERVE_ENTRY = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_-]{0,63}|_events)$")   # a serve folder's camera folders, spools
+# A `serve` folder holds one folder per camera, named after it, and the event spools (camera names cannot start
+# with "_").
+CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+EVENTS_DIR = "_events"
 TMP_PREFIX, TMP_SUFFIX = ".cafi-", ".tmp"
 # Where each encoded crop goes, and its metadata column (file_name is the one `imagefolder` loads).
 IMAGE_DIRS = {"context": ("faces", "file_name", ".jpg"), "aligned": ("aligned", "aligned_file", ".png"),
@@ -187,7 +190,7 @@ class OutputDir:
             return
         if serve:   # a `serve` folder: one folder per camera, and the event spools
             other = [e.name for e in self.root.iterdir() if e.name != LOCK and not is_tmp(e.name)
-                     and (e.is_symlink() or not e.is_dir() or not SERVE_ENTRY.match(e.name))]
+                     and (e.is_symlink() or not e.is_dir() or not (CAMERA_NAME.match(e.name) or e.name == EVENTS_DIR))]
             if other:
                 raise InputError(f"{self.flag} {self.given}: holds files that are not a serve folder's "
                                  f"({', '.join(sorted(other)[:4])}); choose an empty or new folder")

@@ -23,14 +23,12 @@ from pathlib import Path
 from .batching import JoinedEngine
 from .config import Config, cli_options, load_config
 from .errors import InputError
-from .outdir import OutputDir, check_output_file
+from .outdir import CAMERA_NAME, EVENTS_DIR, OutputDir, check_output_file
 from .events import Delivery, Event, JsonLinesSink, MqttSink, Spool, WebhookSink, read_images
 from .sources import redact, source_stem
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")   # outdir.SERVE_ENTRY's camera folders
-EVENTS_DIR = "_events"   # spools; camera names cannot start with "_"
 
 
 def camera_options() -> dict[str, tuple[str, str]]:
@@ -50,8 +48,9 @@ class CameraSpec:
     def parse(cls, table: dict, where: str) -> "CameraSpec":
         table = dict(table)
         name, url = table.pop("name", None), table.pop("url", None)
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise InputError(f"{where}: camera name {name!r} must be 1-64 letters, digits, '_' or '-', not first '_'/'-'")
+        if not isinstance(name, str) or not CAMERA_NAME.match(name):
+            raise InputError(f"{where}: camera name {name!r} must be 1-64 letters, digits, '_' or '-', "
+                             "not starting with '_' or '-'")
         if not isinstance(url, str) or not url:
             raise InputError(f"{where}: camera {name} needs a url")
         known = camera_options()
@@ -194,7 +193,7 @@ class Camera:
             self.latency.observe(max(0.0, event.created - event.seen_at))
         try:
             self.publish(event)
-        except OSError as e:   # a full disk under the spool or the events file: the camera goes on, its files are written
+        except OSError as e:   # a full disk under the spool or the events file: the camera and its files go on
             log.error("camera %s: event %s not published: %s", self.spec.name, event.id, e)
 
 

@@ -119,8 +119,9 @@ def top_per_identity(rows: list[FaceRow], topk: int, fusion: str, min_gap: float
     for members in by_identity.values():
         scores = identity_scores(members, fusion)
         ranked = [members[i] for i in np.argsort(-scores, kind="stable")]
-        picked = pick_diverse(ranked, topk, fits, (lambda r: r.pose) if pose_bins else None)
         score_of = {id(r): float(s) for r, s in zip(members, scores)}
+        picked = pick_diverse(ranked, topk, fits, (lambda r: r.pose) if pose_bins else None,
+                              score=lambda r: score_of[id(r)])
         for rank, row in enumerate(picked, 1):
             chosen[id(row)] = (rank, score_of[id(row)])
     return [dataclasses.replace(row, rank=chosen[id(row)][0], score=chosen[id(row)][1]) for row in rows

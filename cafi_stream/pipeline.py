@@ -139,7 +139,11 @@ class _Run:
 
     Per frame: detect (the whole frame every `stride` frames, crops around due faces between) -> track -> cheap
     gates -> landmarks/crops -> SER-FIQ micro-batch -> SER-FIQ rule -> IQA scheduler -> IQA micro-batch -> top-k
-    pools. A track that ends first drains what is pending for it, then is handed on as a `TrackResult`.
+    pools. With the learned fusion's cascade a face enters its pool once SER-FIQ has scored it (its IQA signal
+    at the track's typical value) and again with its IQA score if the scheduler gives it a call: the IQA budget
+    refines the ranking instead of deciding which faces may be kept at all. A track that ends first drains what is
+    pending for it, gives its kept faces that never had an IQA call one (`_confirm`), then is handed on as a
+    `TrackResult`.
     """
 
     def __init__(self, cfg: Config, models: Models, decoder: Decoder, scores_out: Path | None = None):
@@ -163,6 +167,7 @@ class _Run:
         self.scores = ScoresLog(scores_out) if scores_out is not None else None
         c = cfg.cascade
         self.exhaustive = c.exhaustive
+        self.provisional = not c.exhaustive and self.selector.fusion == "learned" and self.iqa is not None
         # Baseline rankers score every sampled face: they are measured against what they see.
         self.gate = SampleGate(c.serfiq_window if self.method == "cafi" and not c.exhaustive else 0.0,
                                TrackScores(model, ("serfiq", "iqa")) if model is not None else None)
@@ -212,19 +217,24 @@ class _Run:
             if not self.exhaustive:
                 face = dataclasses.replace(face, score=score, proxy=self.selector.proxy(face))
                 self.selector.offer_fallback(face)
+                if self.provisional and passes:
+                    self.selector.offer(face, provisional=True)
             self.scheduler.submit(face.track_id, face.pts_time, face.proxy, face)
         if self.iqa is None:
             return
         for face in self.scheduler.due(self.now, track_id=ending):
             self.iqa_batch.add(face)
         for face, value in (self.iqa_batch.flush() if flush else self.iqa_batch.poll()):
-            quality = self.iqa.oriented(value)
-            face = dataclasses.replace(face, iqa=value, quality=quality,
-                                       signals=signal_vector(face.serfiq, quality, face.measures))
-            with self.timer("select"):
-                self.selector.offer(face)
-            if self.scores is not None:
-                self.scores.update(face)
+            self._scored_iqa(face, value)
+
+    def _scored_iqa(self, face: ScoredFace, value: float) -> None:
+        quality = self.iqa.oriented(value)
+        face = dataclasses.replace(face, iqa=value, quality=quality,
+                                   signals=signal_vector(face.serfiq, quality, face.measures))
+        with self.timer("select"):
+            self.selector.offer(face, seen=self.provisional)
+        if self.scores is not None:
+            self.scores.update(face)
 
     def _end_tracks(self, tracks) -> list[TrackResult]:
         """Drain what is pending for each ended track; the result of each real face's track."""
@@ -234,6 +244,7 @@ class _Run:
             for face in self.gate.release(tid):
                 self.serfiq_batch.add(face)
             self._pump(flush=True, ending=tid)
+            self._confirm(tid)
             with self.timer("select"):
                 if self.scores is not None:
                     threshold, score = self.selector.judge(tid)
@@ -244,6 +255,19 @@ class _Run:
             if track.real:
                 results.append(TrackResult(tid, track.span, tuple(kept)))
         return results
+
+    def _confirm(self, track_id: int) -> None:
+        """Before a track's top-k is final, give its kept faces that never had an IQA call one, and choose again:
+        every kept face is judged by both networks. Each round scores faces that had no IQA call, so the pool's
+        size bounds the rounds."""
+        for _ in range(self.selector.capacity if self.provisional else 0):
+            missing = [k.face for k in self.selector.peek(track_id) if k.face.iqa is None]
+            if not missing:
+                return
+            for face in missing:
+                self.iqa_batch.add(face)
+            for face, value in self.iqa_batch.flush():
+                self._scored_iqa(face, value)
 
     def handle(self, frame: VideoFrame) -> list[TrackResult]:
         self.now = frame.pts_time

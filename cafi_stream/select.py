@@ -1,8 +1,9 @@
 """Stages 7-8: CAFI ranking and per-track top-k in bounded memory.
 
 Faces under the SER-FIQ threshold are dropped; the rest are ranked by IQA (or by SER-FIQ with `--iqa none`).
-Each track holds a SER-FIQ histogram (fixed size) and a pool of at most topk * pool_factor candidates that are
-`min_gap` seconds apart, so memory is O(tracks x k) however long a track lasts.
+Each track holds a SER-FIQ histogram (fixed size) and a pool of at most topk * pool_factor candidates, the best of
+each quarter of `min_gap` seconds, so memory is O(tracks x k) however long a track lasts. The top-k are the best
+face and the set of others `min_gap` apart that fills the most places with the highest total score.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Callable
 
 import numpy as np
 
-from .fusion import FusionModel, RunningStats, TrackScores
+from .fusion import NAMES, FusionModel, RunningStats, TrackScores
 
 _BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
+# Pool slots per min_gap: any set of faces min_gap apart has a candidate within a quarter gap of each of its faces.
+SLOTS_PER_GAP = 4
 
 
 @dataclass(frozen=True, eq=False)   # pools hold faces by identity; numpy fields make field equality meaningless
@@ -52,9 +55,15 @@ def pose_bin(yaw: float, frontal_yaw: float) -> str:
 
 
 def pick_diverse(ranked: list, topk: int, fits: Callable[[object, list], bool],
-                 pose: Callable[[object], str] | None = None) -> list:
-    """Greedy best-first top-k of `ranked` (best first) where each pick `fits` those before it. With `pose`, the
-    best fitting item of each pose bin is taken first (bins in the order of their best item). Best first."""
+                 pose: Callable[[object], str] | None = None, score: Callable[[object], float] | None = None,
+                 max_nodes: int = 20000) -> list:
+    """Top-k of `ranked` (best first) where every pick `fits` the others. Best first.
+
+    With `pose`, the best fitting item of each pose bin is taken first (bins in the order of their best item), then
+    the best that fit. Otherwise the best item is always kept, and with `score` the others are the set that fills
+    the most places with the highest total score (a branch and bound over at most `max_nodes` sets, from the
+    greedy answer): taken one by one, the second best can rule out two good faces, one on either side of it in
+    time, and leave the last place to a poor one."""
     kept: list = []
     if pose is not None:
         for p in dict.fromkeys(pose(x) for x in ranked):
@@ -66,8 +75,38 @@ def pick_diverse(ranked: list, topk: int, fits: Callable[[object, list], bool],
             break
         if not any(x is k for k in kept) and fits(x, kept):
             kept.append(x)
+    if pose is None and score is not None and len(kept) > 1:
+        kept = _best_set(ranked, topk, fits, score, kept, max_nodes)
     order = {id(x): i for i, x in enumerate(ranked)}
     return sorted(kept, key=lambda x: order[id(x)])
+
+
+def _best_set(ranked: list, topk: int, fits, score, greedy: list, max_nodes: int) -> list:
+    """The best item and the fitting set of the others with the most items, then the highest total score."""
+    rest = [x for x in ranked[1:] if fits(x, ranked[:1])]
+    values = [float(score(x)) for x in rest]
+    best, best_key = list(greedy), (len(greedy), sum(float(score(x)) for x in greedy))
+    chosen, nodes = ranked[:1], 0
+
+    def search(start: int, total: float) -> None:
+        nonlocal best, best_key, nodes
+        nodes += 1
+        if (len(chosen), total) > best_key:
+            best, best_key = list(chosen), (len(chosen), total)
+        need = topk - len(chosen)
+        for j in range(start, len(rest)):
+            if not need or nodes > max_nodes:
+                return
+            # `rest` is best first: what is left from j bounds both the count and the total reachable.
+            if (len(chosen) + min(need, len(rest) - j), total + sum(values[j:j + need])) <= best_key:
+                return
+            if fits(rest[j], chosen):
+                chosen.append(rest[j])
+                search(j + 1, total + values[j])
+                chosen.pop()
+
+    search(0, float(score(ranked[0])))
+    return best
 
 
 @dataclass(frozen=True)
@@ -121,35 +160,46 @@ class Running:
 
 
 class TrackPool:
-    """Up to `capacity` candidates `min_gap` apart; with `by_pose`, up to `capacity` per pose bin, so that a track's
-    best side views are still there when the final choice wants varied views."""
+    """A track's candidates: the best face of each `slot` seconds of the track (slots fixed in time, so that a run
+    of ever better faces cannot carry one slot's face along and leave the seconds it passed without a candidate),
+    at most `capacity` of them, or with `by_pose` at most `capacity` per pose bin. When full, the face that scores
+    least on the track's statistics now (`now`) leaves."""
 
-    def __init__(self, capacity: int, min_gap: float, by_pose: bool = False):
+    def __init__(self, capacity: int, slot: float, by_pose: bool = False):
         self.capacity = capacity
-        self.min_gap = min_gap
+        self.slot = slot
         self.by_pose = by_pose
         self.hist = np.zeros(_BINS, np.int32)
         self.serfiq = Running()
         self.quality = Running()
         self.signals = RunningStats()
-        self.faces: list[ScoredFace] = []
+        self._slots: dict[float, ScoredFace] = {}
+
+    @property
+    def faces(self) -> list[ScoredFace]:
+        return list(self._slots.values())
 
     def observe(self, serfiq: float) -> None:
         self.hist[min(_BINS - 1, max(0, int(serfiq * _BINS)))] += 1
         self.serfiq.add(serfiq)
 
-    def offer(self, face: ScoredFace) -> bool:
-        """Keep `face` if it beats every pooled face within min_gap of it (which it then replaces)."""
-        near = [f for f in self.faces if abs(f.pts_time - face.pts_time) < self.min_gap]
-        if any(f.score >= face.score for f in near):
-            return False
-        rest = [f for f in self.faces if f not in near]
-        same = [f for f in rest if not self.by_pose or f.pose == face.pose]
-        if len(same) >= self.capacity and face.score <= min(f.score for f in same):
-            return False
-        self.faces = rest + [face]
+    def offer(self, face: ScoredFace, now: Callable[[ScoredFace], float] | None = None) -> bool:
+        """Keep `face` if it beats its slot's face, and, when the pool is full, the face that scores least now."""
+        key = face.pts_time // self.slot if self.slot > 0 else face.pts_time
+        held = self._slots.get(key)
+        if held is not None:
+            if held.score >= face.score and held.frame_index != face.frame_index:
+                return False
+            self._slots[key] = face
+            return True
+        now = now or (lambda f: f.score)
+        same = [k for k, f in self._slots.items() if not self.by_pose or f.pose == face.pose]
         if len(same) >= self.capacity:
-            self.faces.remove(min(same, key=lambda f: f.score))
+            worst = min(same, key=lambda k: now(self._slots[k]))
+            if now(face) <= now(self._slots[worst]):
+                return False
+            del self._slots[worst]
+        self._slots[key] = face
         return True
 
 
@@ -180,7 +230,7 @@ class Selector:
     def _pool(self, track_id: int) -> TrackPool:
         pool = self.pools.get(track_id)
         if pool is None:
-            pool = self.pools[track_id] = TrackPool(self.capacity, self.min_gap, self.pose_bins)
+            pool = self.pools[track_id] = TrackPool(self.capacity, self.min_gap / SLOTS_PER_GAP, self.pose_bins)
         return pool
 
     def _fused(self, pool: TrackPool, serfiq: float, quality: float) -> float:
@@ -204,7 +254,7 @@ class Selector:
     def offer_fallback(self, face: ScoredFace) -> bool:
         pool = self.fallback.get(face.track_id)
         if pool is None:
-            pool = self.fallback[face.track_id] = TrackPool(self.capacity, self.min_gap, self.pose_bins)
+            pool = self.fallback[face.track_id] = TrackPool(self.capacity, self.min_gap / SLOTS_PER_GAP, self.pose_bins)
         return pool.offer(face)
 
     def proxy(self, face: ScoredFace) -> float:
@@ -217,11 +267,11 @@ class Selector:
         return self.before_iqa.score(face.track_id, face.signals)
 
     def could_enter(self, face: ScoredFace) -> bool:
-        """False when the face's track already holds top-k faces that all beat it on the proxy. With the learned
-        fusion both sides are scored now, on the track's statistics so far: proxies from different moments of a
-        track are not comparable."""
+        """False when the top-k the face's track would keep now (`min_gap` apart) all beat it on the proxy. With
+        the learned fusion both sides are scored now, on the track's statistics so far: proxies from different
+        moments of a track are not comparable."""
         pool = self.pools.get(face.track_id)
-        faces = sorted(pool.faces, key=lambda f: -f.score)[:self.topk] if pool is not None else []
+        faces = self._diverse(pool.faces) if pool is not None else []
         if len(faces) < self.topk:
             return True
         if self.fusion != "learned":
@@ -235,12 +285,16 @@ class Selector:
         pool.observe(serfiq)
         return serfiq >= self.rule.threshold(pool.hist)
 
-    def offer(self, face: ScoredFace) -> bool:
+    def offer(self, face: ScoredFace, provisional: bool = False, seen: bool = False) -> bool:
+        """Offer a scored face to its track's pool. `provisional`: before its IQA call (learned fusion: the IQA
+        signal at the track's typical value); `seen`: its other signals were offered before, only IQA is new."""
         pool = self._pool(face.track_id)
-        pool.quality.add(face.quality)
+        if not provisional:
+            pool.quality.add(face.quality)
         if self.fusion == "learned":
-            pool.signals.add(face.signals)
-        return pool.offer(replace(face, score=self._score(pool, face)))
+            x = face.signals
+            pool.signals.add(np.where(np.isin(NAMES, ("iqa",)), x, np.nan) if seen else x)
+        return pool.offer(replace(face, score=self._score(pool, face)), lambda f: self._score(pool, f))
 
     def close(self, track_id: int) -> list[KeptFace]:
         """End a track: apply the final SER-FIQ threshold and return its top-k, `min_gap` apart, best first."""
@@ -271,7 +325,7 @@ class Selector:
 
     def _diverse(self, faces: list[ScoredFace]) -> list[ScoredFace]:
         return pick_diverse(sorted(faces, key=lambda f: -f.score), self.topk, self._fits,
-                            (lambda f: f.pose) if self.pose_bins else None)
+                            (lambda f: f.pose) if self.pose_bins else None, score=lambda f: f.score)
 
     @property
     def open_tracks(self) -> list[int]:

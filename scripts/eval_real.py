@@ -49,6 +49,7 @@ VIDEOS = SHARED / "real" / "videos"
 
 from cafi_stream import degrade  # noqa: E402
 from cafi_stream.fusion import NAMES, row_signals  # noqa: E402
+from cafi_stream.select import pick_diverse  # noqa: E402
 from eval_cuts import split_clips  # noqa: E402
 from readme_block import replace_block  # noqa: E402
 
@@ -196,20 +197,20 @@ def clean_share(frames: list[int], truth: dict) -> float | None:
 
 
 def top_by(rows: list[dict], key, group) -> list[dict]:
-    """Per group (track or identity), the top-k rows by `key` (higher first), MIN_GAP seconds apart."""
+    """Per group (track or identity), the top-k rows by `key` (higher first), MIN_GAP seconds apart, chosen the
+    way the pipeline chooses (select.pick_diverse): every signal and baseline is judged by the same rule."""
     groups: dict = defaultdict(list)
     for r in rows:
-        groups[group(r)].append(r)
+        groups[group(r)].append((key(r), r))   # each key once: the random one draws a new number per call
     kept = []
     for members in groups.values():
-        chosen: list[dict] = []
-        for r in sorted(members, key=key, reverse=True):
-            if len(chosen) == TOPK:
-                break
-            if all(abs(r["pts_time"] - c["pts_time"]) >= MIN_GAP for c in chosen):
-                chosen.append(r)
-        kept += chosen
+        members.sort(key=lambda m: -m[0])
+        kept += [r for _, r in pick_diverse(members, TOPK, _apart, score=lambda m: m[0])]
     return kept
+
+
+def _apart(m, chosen) -> bool:
+    return all(abs(m[1]["pts_time"] - c[1]["pts_time"]) >= MIN_GAP for c in chosen)
 
 
 def auc_by_kind(rows: list[dict], truth: dict, key) -> dict[str, float]:

@@ -61,11 +61,11 @@ def small_run(tmp_path_factory):
     runs = {name: eval_real.run_once(work / "video.mp4", work, name, eval_real.merged(base, over), models)
             for name, over in (("cafi", {}), ("random", {"rank": {"method": "random"}}))}
     models.close()
-    return truth, runs
+    return truth, runs, work
 
 
 def test_fusion_beats_random_on_unseen_people(small_run):
-    truth, runs = small_run
+    truth, runs, _ = small_run
     (cafi, cafi_scored, _), (random, random_scored, _) = runs["cafi"], runs["random"]
     assert len(cafi) >= 4 and len(random) >= 4
     clean = eval_real.clean_share([r.frame_index for r in cafi], truth)
@@ -81,7 +81,7 @@ def test_fusion_beats_random_on_unseen_people(small_run):
 def test_a_broken_signal_does_not_decide(small_run):
     """Turn the IQA signal upside down (an IQA model that prefers noisy, dark faces, as PIQE does): the capped
     weights keep the ranking's AUC well above chance."""
-    truth, runs = small_run
+    truth, runs, _ = small_run
     rows = runs["cafi"][1]
     m = FusionModel.load(iqa=True)
     x = np.stack([signal_vector(r["serfiq"], None, r["capture"]) for r in rows])
@@ -90,3 +90,20 @@ def test_a_broken_signal_does_not_decide(small_run):
     s = m.scores(x)
     auc = (s[clean][:, None] > s[~clean][None]).mean()
     assert auc > 0.75, auc
+
+
+def test_the_cascade_keeps_faces_that_both_networks_judged(small_run):
+    """The default cascade with the offline IQA (PIQE): faces enter their track's pool once SER-FIQ has scored
+    them, the IQA budget refines the ranking, and each face kept in the end has had its IQA call."""
+    from cafi_stream.pipeline import Models
+
+    truth, runs, work = small_run
+    cfg = eval_real.merged(eval_real.base_config(), {"cascade": {"exhaustive": False}})
+    models = Models.load(load_config(overrides=cfg))
+    kept, scored, summary = eval_real.run_once(work / "video.mp4", work, "cascade", cfg, models)
+    models.close()
+    assert len(kept) >= 4 and all(r.iqa is not None for r in kept)
+    assert summary["faces"]["iqa_calls"] < len(scored) / 2   # the budget, not every face
+    clean = eval_real.clean_share([r.frame_index for r in kept], truth)
+    expected_random = eval_real.clean_share([r["frame_index"] for r in runs["random"][1]], truth)
+    assert clean >= 0.8 and clean > expected_random + 0.3, (clean, expected_random, len(kept))

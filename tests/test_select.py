@@ -90,3 +90,37 @@ def test_max_similarity_drops_near_duplicates():
     sel = Selector(topk=3, min_gap=0.5, rule=SerfiqRule(quantile=0), max_similarity=0.9)
     feed(sel, faces)
     assert [k.face.pts_time for k in sel.close(1)] == [0, 2]   # the near-copy of the best face is dropped
+
+
+def test_three_good_seconds_give_three_faces_min_gap_apart():
+    # Seconds 1-4 of an 8 s track are good, and get better as they go (a face turning to the camera); the rest is
+    # poor. A pool that let each better face replace its neighbour would carry one face along the good seconds and
+    # leave the top-3 to a poor one; a greedy top-3 could take a good face that rules out two others.
+    rng = np.random.default_rng(1)
+    times = np.round(np.arange(0, 8, 0.1), 2)
+    faces = [face(t, (1.0 + 0.05 * t if 1 <= t < 4 else -1.0) + 0.01 * rng.random()) for t in times]
+    sel = Selector(topk=3, min_gap=1.0, rule=SerfiqRule(quantile=0))
+    feed(sel, faces)
+    kept = sel.close(1)
+    assert [k.face.score > 0 for k in kept] == [True] * 3
+    assert kept[0].face.score == max(f.score for f in faces)
+    times = sorted(k.face.pts_time for k in kept)
+    assert all(b - a >= 1.0 for a, b in zip(times, times[1:]))
+
+
+def test_pick_diverse_fills_the_most_places_with_the_highest_total():
+    import itertools
+
+    from cafi_stream.select import pick_diverse
+
+    rng = np.random.default_rng(0)
+    fits = lambda x, kept: all(abs(x[0] - k[0]) >= 1.0 for k in kept)   # noqa: E731
+    for _ in range(200):
+        items = sorted(((float(t), float(s)) for t, s in zip(rng.random(12) * 6, rng.normal(size=12))),
+                       key=lambda x: -x[1])
+        k = int(rng.integers(1, 5))
+        got = pick_diverse(items, k, fits, score=lambda x: x[1])
+        assert got[0] == items[0] and all(fits(x, [y for y in got if y is not x]) for x in got)
+        best = max((len(c) + 1, sum(x[1] for x in c)) for n in range(k) for c in itertools.combinations(items[1:], n)
+                   if all(fits(x, list(c[:i]) + [items[0]]) for i, x in enumerate(c)))
+        assert (len(got), round(sum(x[1] for x in got), 9)) == (best[0], round(best[1] + items[0][1], 9))

@@ -18,6 +18,7 @@ from .fusion import NAMES, FusionModel, RunningStats, TrackScores
 _BINS = 2048   # SER-FIQ histogram resolution over [0, 1]: quantiles to 0.0005
 # Pool slots per min_gap: any set of faces min_gap apart has a candidate within a quarter gap of each of its faces.
 SLOTS_PER_GAP = 4
+_IQA = np.array([n == "iqa" for n in NAMES])   # the IQA signal's place in a fusion signal vector
 
 
 @dataclass(frozen=True, eq=False)   # pools hold faces by identity; numpy fields make field equality meaningless
@@ -293,7 +294,7 @@ class Selector:
             pool.quality.add(face.quality)
         if self.fusion == "learned":
             x = face.signals
-            pool.signals.add(np.where(np.isin(NAMES, ("iqa",)), x, np.nan) if seen else x)
+            pool.signals.add(np.where(_IQA, x, np.nan) if seen else x)
         return pool.offer(replace(face, score=self._score(pool, face)), lambda f: self._score(pool, f))
 
     def close(self, track_id: int) -> list[KeptFace]:

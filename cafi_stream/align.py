@@ -64,10 +64,22 @@ def _square_warp_matrix(box: np.ndarray, size: int) -> np.ndarray:
     return np.array([[scale, 0, -box[0] * scale], [0, scale, -box[1] * scale]], np.float32)
 
 
-def _square_warp(image: np.ndarray, box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    m = _square_warp_matrix(box, size)
-    interp = cv2.INTER_AREA if m[0, 0] < 1 else cv2.INTER_CUBIC
-    return cv2.warpAffine(image, m, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT), m
+def _square_resize(image: np.ndarray, box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole pixels of the square `box` (zeros outside the image) resized to size x size: bicubic up, area
+    down. A warp of the same scale costs ~15x more when bicubic. Also the 2x3 matrix from image to crop pixels."""
+    n = max(1, int(round(float(box[2] - box[0]))))
+    x0, y0 = int(round(float(box[0]))), int(round(float(box[1])))
+    scale = size / n
+    m = np.array([[scale, 0, (0.5 - x0) * scale - 0.5], [0, scale, (0.5 - y0) * scale - 0.5]], np.float32)
+    h, w = image.shape[:2]
+    ax, ay, bx, by = max(0, x0), max(0, y0), min(w, x0 + n), min(h, y0 + n)
+    if bx <= ax or by <= ay:
+        return np.zeros((size, size, 3), np.uint8), m
+    part = image[ay:by, ax:bx]
+    if (ax, ay, bx, by) != (x0, y0, x0 + n, y0 + n):
+        part = cv2.copyMakeBorder(part, ay - y0, y0 + n - by, ax - x0, x0 + n - bx, cv2.BORDER_CONSTANT, value=0)
+    interp = cv2.INTER_CUBIC if n < size else cv2.INTER_AREA
+    return cv2.resize(part, (size, size), interpolation=interp), m
 
 
 def context_crop(image: np.ndarray, box: np.ndarray, scale: float) -> np.ndarray:
@@ -80,13 +92,14 @@ def context_crop(image: np.ndarray, box: np.ndarray, scale: float) -> np.ndarray
 
 def crop_face(image: np.ndarray, box: np.ndarray, landmarks: FaceLandmarks, aligned_size: int = 112,
               iqa_size: int = 384, context_scale: float = 1.6) -> FaceCrops:
-    masked, m = _square_warp(image, box, iqa_size)
+    masked, m = _square_resize(image, box, iqa_size)
     oval = landmarks.oval @ m[:, :2].T + m[:, 2]
     mask = np.zeros((iqa_size, iqa_size), np.uint8)
     cv2.fillPoly(mask, [np.round(oval).astype(np.int32)], 1)
-    masked *= mask[:, :, None]
+    masked = cv2.bitwise_and(masked, masked, mask=mask)   # zero outside: 10x faster than a broadcast multiply
     return FaceCrops(aligned=align_face(image, landmarks.five, aligned_size, box), masked=masked,
-                     context=context_crop(image, box, context_scale), mask_coverage=float(mask.mean()))
+                     context=context_crop(image, box, context_scale),
+                     mask_coverage=cv2.countNonZero(mask) / mask.size)
 
 
 def align_largest_face(image: np.ndarray, faces, size: int = 112) -> np.ndarray | None:

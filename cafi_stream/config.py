@@ -15,6 +15,7 @@ from .errors import InputError
 RANKERS = ("cafi", "serfiq", "sharpness", "detector", "random")
 FUSIONS = ("learned", "filter", "zsum", "zmin")
 LANDMARK_SOURCES = ("auto", "keypoints", "mesh")
+PRECISIONS = ("fp32", "int8")   # the ONNX detectors' weights and activations
 
 
 def option(flag: str, help: str, group: str = "", single: bool = False, engines: bool = False) -> Any:
@@ -51,6 +52,7 @@ class DetectConfig:
     refine_px: int
     batch: int
     landmarks: str
+    precision: str
 
 
 @dataclass
@@ -292,7 +294,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("runtime", "device"): ("auto", "cpu", "cuda"), ("runtime", "backend"): ("auto", "tensorrt", "ort", "torch"),
     ("fr", "channel_order"): ("", "RGB", "BGR"), ("live", "transport"): ("tcp", "udp"),
     ("rank", "method"): RANKERS, ("rank", "fusion"): FUSIONS, ("identity", "per"): ("track", "identity"),
-    ("detect", "landmarks"): LANDMARK_SOURCES,
+    ("detect", "landmarks"): LANDMARK_SOURCES, ("detect", "precision"): PRECISIONS,
 }
 
 

@@ -11,7 +11,9 @@ Detectors are entries of a registry (`DETECTORS`), each with its licence and wha
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -23,6 +25,8 @@ from ._native import native_stderr_silenced
 from .config import DetectConfig
 from .errors import InputError, ModelError
 from .models import ModelSpec, resolve_named, sha256_of
+
+log = logging.getLogger(__name__)
 
 _NO_POINTS = np.zeros((0, 5, 2), np.float32)
 
@@ -163,6 +167,43 @@ def dynamic_onnx(path: Path, sha256: str, out_dir: Path) -> Path:
     return out
 
 
+# Activation ranges for an 8-bit detector, fitted by scripts/fit_int8.py on the fit clips only: one file per
+# published detector file, named by its checksum (`calibration_file`), in ONNX Runtime's calibration-cache format.
+CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
+
+
+def calibration_file(name: str, sha256: str) -> Path:
+    return CALIBRATION_DIR / f"{name}_{sha256[:16]}.json"
+
+
+def opset13(path: Path):
+    """The ONNX graph at opset 13, which per-channel quantization needs (the published SCRFD file is at 11)."""
+    import onnx
+    from onnx import version_converter
+
+    return version_converter.convert_version(onnx.load(str(path)), 13)
+
+
+def int8_onnx(dynamic: Path, ranges: Path, out_dir: Path) -> Path:
+    """The dynamic detector with 8-bit weights (per output channel) and activations, as ONNX QDQ for ONNX Runtime's
+    CPU provider: ~2.5x faster on CPU. The activations' ranges come from `ranges`; the build takes ~1 s, once."""
+    import hashlib
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    out = out_dir / f"{dynamic.stem}_int8_{hashlib.sha256(ranges.read_bytes()).hexdigest()[:16]}.onnx"
+    if out.is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        quantize_static(opset13(dynamic), tmp, None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibration_cache_path=ranges)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 class ScrfdDetector:
     """SCRFD with keypoints (insightface's design): 2 anchors per cell at strides 8, 16 and 32; outputs score
     logits, box distances and keypoint offsets in units of the stride."""
@@ -176,10 +217,32 @@ class ScrfdDetector:
         p = min(max(cfg.min_confidence, 1e-6), 1 - 1e-6)
         self.min_logit = math.log(p / (1 - p))   # the model gives logits: compare before the sigmoid
         digest = sha256_of(path)
-        source = ModelSource(name=spec.name, onnx_path=dynamic_onnx(path, digest, engines_dir()), sha256=digest,
+        onnx_path, self.precision = dynamic_onnx(path, digest, engines_dir()), "fp32"
+        if cfg.precision == "int8":
+            onnx_path, self.precision = self._int8(spec, onnx_path, digest, device, backend)
+        source = ModelSource(name=f"{spec.name}_{self.precision}", onnx_path=onnx_path, sha256=digest,
                              input_shape=(3, cfg.size, cfg.size), dynamic_hw=True)
         self.engine = create_engine(source, backend, device, max_batch=cfg.batch)
         self.backend = f"{self.engine.backend}/{self.engine.device}"
+
+    @staticmethod
+    def _int8(spec: DetectorSpec, dynamic: Path, digest: str, device: str, backend: str) -> tuple[Path, str]:
+        """The 8-bit graph and "int8" where it can run (ONNX Runtime on CPU, a file with fitted ranges); else
+        the float graph and "fp32", and why in the log."""
+        from .backend import choose_backend
+
+        ranges = calibration_file(spec.name, digest)
+        if device != "cpu" or choose_backend(backend, device) != "ort":
+            why = "it runs on ONNX Runtime's CPU provider only"
+        elif not ranges.is_file():
+            why = f"no fitted activation ranges for this file ({ranges.name})"
+        else:
+            try:
+                return int8_onnx(dynamic, ranges, dynamic.parent), "int8"
+            except (ImportError, TypeError, ValueError, KeyError) as e:   # an ONNX Runtime without the cache API
+                why = f"quantization failed ({e})"
+        log.info("detect.precision = int8: %s; the detector runs in float", why)
+        return dynamic, "fp32"
 
     def detect(self, images: Sequence[np.ndarray], scale: float = 1.0) -> list[Detections]:
         if not len(images):

@@ -442,8 +442,13 @@ def open_source(source: str, cfg: Config, stop: threading.Event | None = None):
         opts = LiveOptions(transport=lv.transport, open_timeout=lv.open_timeout, read_timeout=lv.read_timeout,
                            reconnect_max=lv.reconnect_max, backoff_initial=lv.backoff_initial,
                            backoff_max=lv.backoff_max, loop=lv.loop)
-        return LiveDecoder(source, lv.queue_size, cfg.decode.threads, opts, stop)
-    return Decoder(source, cfg.decode.queue_size, cfg.decode.threads, stop)
+        return LiveDecoder(source, lv.queue_size, decode_threads(cfg), opts, stop)
+    return Decoder(source, cfg.decode.queue_size, decode_threads(cfg), stop)
+
+
+def decode_threads(cfg: Config) -> int:
+    """`decode.threads`, where 0 leaves the stages' thread a core of its own."""
+    return cfg.decode.threads or max(1, (os.cpu_count() or 1) - 1)
 
 
 def process(source: str, cfg: Config, models: Models | None = None, random_dbcnn: bool = False

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """At what scale should the detector read a frame? Faces under `faces.min_face` source pixels are never scored,
-so the detector only has to find faces of that size, and give them keypoints good enough to align them.
+so the detector only has to find faces of that size, and give them keypoints good enough to align them. The same
+measures compare the default's 8-bit weights with float ones.
 
 For every shared clip larger than `detect.min_size`, the default detector reads each sampled frame at a high
 reference scale (its longer side at 1280 px, or the frame as it is) and at each candidate rule. Reported per rule:
@@ -17,6 +18,7 @@ reference scale (its longer side at 1280 px, or the frame as it is) and at each 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -41,8 +43,9 @@ SHARED = ROOT.parent / "shared" / "data"
 REFERENCE = 1280
 # name -> (longer-side cap, least longer side, face_px): the earlier fixed 640, and the min_face rule at 3 sizes
 DEFAULT = "face_px 24 (default)"
+FLOAT = "face_px 24, float weights (`detect.precision = fp32`)"
 RULES = {"fixed 640 (before)": (640, 0, 0), "face_px 16": (640, 320, 16), DEFAULT: (640, 320, 24),
-         "face_px 32": (640, 320, 32)}
+         "face_px 32": (640, 320, 32), FLOAT: (640, 320, 24)}
 
 
 def clips(min_size: int) -> list[Path]:
@@ -59,6 +62,8 @@ def evaluate(every: int, limit: int) -> dict:
     cfg = load_config()
     min_face = cfg.faces.min_face
     analysis = FaceAnalysis(cfg.detect, default_models_dir(), min_face=min_face)   # the pipeline's: it refines
+    # The reference, and the float row, read with float weights whatever the default's precision.
+    exact = FaceAnalysis(dataclasses.replace(cfg.detect, precision="fp32"), default_models_dir(), min_face=min_face)
     detector = analysis.detector
     result = {"min_face": min_face, "reference_longer_side": REFERENCE, "clips": {}, "rules": {}}
     stats = {name: {"found": 0, "errors": [], "seconds": 0.0} for name in RULES}
@@ -72,14 +77,14 @@ def evaluate(every: int, limit: int) -> dict:
         for frame in frames:
             frames_seen += 1
             s = min(1.0, REFERENCE / max(width, height))
-            ref = detector.detect([frame.scaled(s)], s)[0]
+            ref = exact.detector.detect([frame.scaled(s)], s)[0]
             ref = ref[ref.side >= min_face]
             total += len(ref)
             clip_faces += len(ref)
             for name, (size, least, face_px) in RULES.items():
                 s = input_scale(width, height, size, least, face_px / min_face if face_px else np.inf)
                 t0 = time.perf_counter()
-                dets = detector.detect([frame.scaled(s)], s)[0]
+                dets = (exact.detector if name == FLOAT else detector).detect([frame.scaled(s)], s)[0]
                 stats[name]["seconds"] += time.perf_counter() - t0
                 if not len(ref) or not len(dets):
                     continue
@@ -95,6 +100,8 @@ def evaluate(every: int, limit: int) -> dict:
         result["clips"][clip.name] = {"size": f"{width}x{height}", "frames": len(frames), "faces": clip_faces}
         print(clip.name, result["clips"][clip.name], file=sys.stderr)
     analysis.close()
+    exact.close()
+    result["precision"] = detector.precision
     result["faces"], result["frames"] = total, frames_seen
     result["refined_keypoint_error_median"] = round(float(np.median(refined)), 4)
     result["refined_keypoint_error_p90"] = round(float(np.percentile(refined, 90)), 4)
@@ -123,7 +130,8 @@ def readme_table(r: dict) -> str:
                 "+ one call per scored face |")
     names = ", ".join(f"`{k}` ({v['size']})" for k, v in r["clips"].items())
     return "\n".join(rows) + (f"\n\n{r['faces']} reference faces in {r['frames']} frames of {names}; the reference "
-                              f"reads each frame at {r['reference_longer_side']} px. "
+                              f"reads each frame at {r['reference_longer_side']} px with float weights, the rules "
+                              f"with the default's ({r['precision']}). "
                               "`python scripts/eval_detect_scale.py`.")
 
 

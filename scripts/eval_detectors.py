@@ -52,13 +52,18 @@ def frames_of(path: Path, every: int, limit: int):
                 yield f.to_ndarray(format="rgb24")
 
 
+FILES = {"scrfd_2.5g": OPTIONAL / "scrfd_2.5g_bnkps_640.onnx", "yunet": OPTIONAL / "face_detection_yunet_2026may.onnx"}
+# Measured against the same reference faces, without a vote in it: the default detector with float weights.
+FLOAT = "scrfd_2.5g (float weights)"
+
+
 def analysers(min_confidence: float) -> dict[str, FaceAnalysis]:
-    cfg = load_config().detect
-    files = {"scrfd_2.5g": OPTIONAL / "scrfd_2.5g_bnkps_640.onnx",
-             "yunet": OPTIONAL / "face_detection_yunet_2026may.onnx"}
-    return {name: FaceAnalysis(dataclasses.replace(cfg, model=str(files.get(name, name)),
-                                                   min_confidence=min_confidence), OPTIONAL)
-            for name in DETECTORS}
+    """The voting detectors in their default configuration, then FLOAT."""
+    cfg = dataclasses.replace(load_config().detect, min_confidence=min_confidence)
+    out = {name: FaceAnalysis(dataclasses.replace(cfg, model=str(FILES.get(name, name))), OPTIONAL)
+           for name in DETECTORS}
+    out[FLOAT] = FaceAnalysis(dataclasses.replace(cfg, model=str(FILES["scrfd_2.5g"]), precision="fp32"), OPTIONAL)
+    return out
 
 
 def _match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -78,9 +83,10 @@ def _match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def evaluate(every: int, limit: int, min_face: float, threshold: float) -> dict:
     low = analysers(LOW)
     names = list(low)
+    voters = [n for n in names if n != FLOAT]
     found = {n: np.zeros(len(BINS)) for n in names}
     reference = np.zeros(len(BINS))
-    alone = {n: 0 for n in names}
+    alone = {n: 0 for n in voters}
     ratios = {n: [] for n in names}
     seconds = {n: 0.0 for n in names}
     frames = 0
@@ -98,26 +104,29 @@ def evaluate(every: int, limit: int, min_face: float, threshold: float) -> dict:
                 seconds[n] += time.perf_counter() - t0
                 dets[n] = d
             # Reference faces: the union of all boxes, kept where at least two detectors agree.
-            pool = np.concatenate([dets[n].xyxy for n in names])
-            owner = np.concatenate([np.full(len(dets[n]), k) for k, n in enumerate(names)])
+            pool = np.concatenate([dets[n].xyxy for n in voters])
+            owner = np.concatenate([np.full(len(dets[n]), k) for k, n in enumerate(voters)])
             taken = np.zeros(len(pool), bool)
             for i in range(len(pool)):
                 if taken[i]:
                     continue
                 hits = {}
-                for k, n in enumerate(names):
+                for k, n in enumerate(voters):
                     j = _match(pool[i:i + 1], dets[n].xyxy)[0]
                     if j >= 0:
                         hits[n] = j
                         taken[np.flatnonzero(owner == k)[j]] = True
                 if len(hits) < 2:
-                    n = names[owner[i]]
+                    n = voters[owner[i]]
                     alone[n] += int(dets[n].confidence[hits[n]] >= threshold) if n in hits else 0
                     continue
                 side = (dets["mediapipe"].side[hits["mediapipe"]] if "mediapipe" in hits
                         else float(np.median([dets[n].side[j] for n, j in hits.items()])))
                 b = next(k for k, (lo, hi) in enumerate(BINS) if lo <= side < hi)
                 reference[b] += 1
+                j = _match(pool[i:i + 1], dets[FLOAT].xyxy)[0]
+                if j >= 0:
+                    hits[FLOAT] = j
                 ref_clip += 1
                 for n, j in hits.items():
                     if dets[n].confidence[j] >= threshold:
@@ -141,7 +150,7 @@ def evaluate(every: int, limit: int, min_face: float, threshold: float) -> dict:
         "ms_per_frame": {n: round(1000 * seconds[n] / frames, 1) for n in names},
         # mediapipe's side over this detector's, on the same faces: the factor that makes the two boxes agree
         "box_ratio_to_mediapipe": {n: round(float(np.median(r)), 3) for n, r in ratios.items() if r},
-        "licence": {n: DETECTORS[n].licence for n in names},
+        "licence": {n: DETECTORS[n.split()[0]].licence for n in names},
         "clips": per_clip,
     }
 
@@ -152,7 +161,7 @@ def readme_table(r: dict) -> str:
     for n in r["recall"]:
         rows.append(f"| `{n}` | {r['licence'][n]} | {r['recall_all'][n]:.3f} | "
                     + " | ".join("-" if v is None else f"{v:.3f}" for v in r["recall"][n])
-                    + f" | {r['found_alone'][n]} | {r['ms_per_frame'][n]} |")
+                    + f" | {r['found_alone'].get(n, '-')} | {r['ms_per_frame'][n]} |")
     return "\n".join(rows) + (f"\n\n{sum(r['reference_faces'])} reference faces in {r['frames']} frames "
                               f"(every {r['every']}th frame of each shared clip); `python scripts/eval_detectors.py`.")
 

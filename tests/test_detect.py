@@ -60,15 +60,17 @@ def test_detector_finds_faces_with_keypoints(model, frames):
 def test_scrfd_backends_and_batches_agree(frames):
     """ONNX Runtime and torch (the graph converted) find the same faces; a batch of frames gives what frames one
     at a time give."""
-    ort_, torch_ = face_analysis(model="scrfd_2.5g"), None
+    ort_, torch_ = face_analysis(model="scrfd_2.5g", precision="fp32"), None
     try:
         from cafi_stream.analyse import FaceAnalysis
         from cafi_stream.config import load_config
         from cafi_stream.models import default_models_dir
 
-        torch_ = FaceAnalysis(load_config(overrides={"detect": {"model": "scrfd_2.5g"}}).detect, default_models_dir(),
-                              backend="torch")
+        # torch has no 8-bit graph: asked for one, it runs the float graph.
+        torch_ = FaceAnalysis(load_config(overrides={"detect": {"model": "scrfd_2.5g", "precision": "int8"}}).detect,
+                              default_models_dir(), backend="torch")
         assert torch_.detector.engine.backend == "torch" and ort_.detector.engine.backend == "ort"
+        assert torch_.detector.precision == ort_.detector.precision == "fp32"
         clip = frames[0]
         one = [ort_(f) for f in clip]
         batch = ort_.detect(clip)
@@ -82,6 +84,51 @@ def test_scrfd_backends_and_batches_agree(frames):
         ort_.close()
         if torch_ is not None:
             torch_.close()
+
+
+def test_int8_detector_finds_what_the_float_one_finds(frames):
+    """The 8-bit SCRFD, built from the package's fitted ranges, finds the faces the float one finds on real
+    frames (none of them calibration clips), with keypoints within 1.5% of the face's side."""
+    from cafi_stream.detect import box_iou
+
+    fp32, int8 = face_analysis(model="scrfd_2.5g", precision="fp32"), face_analysis(model="scrfd_2.5g",
+                                                                                       precision="int8")
+    try:
+        assert int8.detector.precision == "int8" and fp32.detector.precision == "fp32"
+        found = total = 0
+        errors = []
+        for clip in frames:
+            for f in clip:
+                ref, got = fp32(f), int8(f)
+                ref = ref[ref.side >= 40]
+                total += len(ref)
+                if len(ref) and len(got):
+                    iou = box_iou(ref.xyxy, got.xyxy)
+                    for i, j in enumerate(iou.argmax(axis=1)):
+                        if iou[i, j] >= 0.5:
+                            found += 1
+                            errors.append(np.linalg.norm(ref.five[i] - got.five[j], axis=1).mean() / ref.side[i])
+        assert total >= 20 and found >= 0.95 * total
+        assert np.median(errors) < 0.01 and np.percentile(errors, 90) < 0.015
+    finally:
+        fp32.close()
+        int8.close()
+
+
+def test_int8_needs_fitted_ranges_for_the_very_file(tmp_path, monkeypatch, caplog):
+    """A detector file without fitted ranges (another SCRFD build) runs in float, and the log says why."""
+    import logging
+
+    import cafi_stream.detect as detect
+
+    monkeypatch.setattr(detect, "CALIBRATION_DIR", tmp_path)
+    with caplog.at_level(logging.INFO, logger="cafi_stream.detect"):
+        analysis = face_analysis(model="scrfd_2.5g", precision="int8")
+    try:
+        assert analysis.detector.precision == "fp32"
+        assert "no fitted activation ranges" in caplog.text
+    finally:
+        analysis.close()
 
 
 def test_detections_container_checks_lengths_and_takes_masks():

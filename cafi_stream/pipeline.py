@@ -134,6 +134,41 @@ def ranker_value(method: str, face: ScoredFace) -> float:
     return face.serfiq   # "serfiq", and "cafi" with --iqa none
 
 
+def build_selector(cfg: Config, serfiq_min: float, with_iqa: bool) -> Selector:
+    """The per-track top-k pools of `cfg`'s ranker: its SER-FIQ rule (`serfiq_min`, the recognition model's
+    threshold, where `serfiq.min_score` is "auto"), its fusion and the fusion's fitted model."""
+    min_score = serfiq_min if cfg.serfiq.min_score == "auto" else cfg.serfiq.min_score
+    rule = SerfiqRule(cfg.serfiq.track_quantile, min_score) if cfg.rank.method == "cafi" else SerfiqRule(0.0)
+    fusion = ranking_fusion(cfg.rank, with_iqa)
+    model = FusionModel.load(iqa=with_iqa) if fusion == "learned" else None
+    return Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor, fusion=fusion,
+                    max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins, model=model)
+
+
+class Snapshots:
+    """Tracks that never end (someone standing in view) give their best-so-far every `interval` seconds (0:
+    never), once they have been open that long."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.opened: dict[int, float] = {}   # open track -> time of its first scored face
+        self.last = 0.0
+
+    def scored(self, track_id: int, pts: float) -> None:
+        self.opened.setdefault(track_id, pts)
+
+    def closed(self, track_id: int) -> None:
+        self.opened.pop(track_id, None)
+
+    def due(self, now: float, spans, peek) -> list[TrackResult]:
+        """The snapshots due at `now`: each old enough track's span (`spans`, where known) and `peek(track)`."""
+        if self.interval <= 0 or now - self.last < self.interval:
+            return []
+        self.last = now
+        return [TrackResult(tid, spans.get(tid, (since, now)), tuple(peek(tid)), False)
+                for tid, since in self.opened.items() if now - since >= self.interval]
+
+
 class _Run:
     """The state of one run over one source; `handle` is called once per decoded frame.
 
@@ -152,18 +187,11 @@ class _Run:
         self.decoder = decoder
         self.timer = Stopwatch()
         self.analyser = Analyser(cfg, models.faces, decoder.info.fps, self.timer)
-        min_score = cfg.serfiq.min_score
-        if min_score == "auto":
-            min_score = models.serfiq.spec.serfiq_min
         self.method = cfg.rank.method
         # Baseline rankers rank every scored face by their own measure: no SER-FIQ rule, no IQA.
-        rule = SerfiqRule(cfg.serfiq.track_quantile, min_score) if self.method == "cafi" else SerfiqRule(0.0)
         self.iqa = models.iqa if self.method == "cafi" else None
-        fusion = ranking_fusion(cfg.rank, self.iqa is not None)
-        model = FusionModel.load(iqa=self.iqa is not None) if fusion == "learned" else None
-        self.selector = Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor, fusion=fusion,
-                                 max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins,
-                                 model=model)
+        self.selector = build_selector(cfg, models.serfiq.spec.serfiq_min, self.iqa is not None)
+        model = self.selector.model
         self.scores = ScoresLog(scores_out) if scores_out is not None else None
         c = cfg.cascade
         self.exhaustive = c.exhaustive
@@ -181,8 +209,7 @@ class _Run:
         clock = None if isinstance(decoder, LiveDecoder) else (lambda: self.now)
         self.serfiq_batch = MicroBatcher(self._run_serfiq, rt.max_batch, rt.max_wait_ms, clock=clock)
         self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms, clock=clock)
-        self.opened: dict[int, float] = {}   # open track -> time of its first scored face
-        self.last_snapshot = 0.0
+        self.snapshots = Snapshots(cfg.live.snapshot_interval)
         self.now = 0.0
 
     # -- engines, called by the micro-batchers
@@ -251,7 +278,7 @@ class _Run:
                 kept = self.selector.close(tid)
             if self.scores is not None:
                 self.scores.close_track(tid, kept, threshold, score)
-            self.opened.pop(tid, None)
+            self.snapshots.closed(tid)
             if track.real:
                 results.append(TrackResult(tid, track.span, tuple(kept)))
         return results
@@ -274,22 +301,13 @@ class _Run:
         analysed = self.analyser(frame)
         results = self._end_tracks(analysed.ended)
         for face in analysed.faces:
-            self.opened.setdefault(face.track_id, face.pts_time)
+            self.snapshots.scored(face.track_id, face.pts_time)
             for due in self.gate.submit(face.track_id, face.pts_time, face):
                 self.serfiq_batch.add(due)
         self._pump()
         if not frame.index % self.analyser.stride:   # snapshots on detection frames
-            results += self._snapshot(frame.pts_time)
+            results += self.snapshots.due(frame.pts_time, self.analyser.span, self.selector.peek)
         return results
-
-    def _snapshot(self, now: float) -> list[TrackResult]:
-        """Tracks that never end (someone standing in view) give their best-so-far every interval."""
-        interval = self.cfg.live.snapshot_interval
-        if interval <= 0 or now - self.last_snapshot < interval:
-            return []
-        self.last_snapshot = now
-        return [TrackResult(tid, self.analyser.span.get(tid, (since, now)), tuple(self.selector.peek(tid)), False)
-                for tid, since in self.opened.items() if now - since >= interval]
 
     def health(self) -> dict:
         """Figures for the status line and --stats-json."""

@@ -175,6 +175,7 @@ def test_pipeline_runs_with_a_keypoint_detector(model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engines"]["face_detector"] == model
+    assert summary["engines"]["face_detector_precision"] == ("int8" if model == "scrfd_2.5g" else "fp32")
     assert summary["models"]["face_detector"]["name"] == model and "face_mesh" not in summary["models"]
     rows = read_rows(out)
     tracks = {r["track_id"] for r in rows}
@@ -193,6 +194,7 @@ def test_pipeline_runs_with_the_detector_on_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engines"]["fr_backbone"] == summary["engines"]["face_detector_backend"] == "torch/cpu"
+    assert summary["engines"]["face_detector_precision"] == "fp32"   # the default int8 runs on ONNX Runtime only
     rows = read_rows(out)
     assert rows and all(np.isfinite(r["landmarks"]).all() for r in rows)
 

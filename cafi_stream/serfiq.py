@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,9 @@ def serfiq_from_features(features, weight, bias, masks, chunk_bytes: int = 256 <
     return torch.cat(scores), emb
 
 
+_TORCH_THREADS = threading.Lock()
+
+
 @contextlib.contextmanager
 def _one_thread_on(device):
     """torch on one CPU thread: the head's matrices are small, and split over torch's pool they wait for the core
@@ -176,12 +180,13 @@ def _one_thread_on(device):
     if device.type != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    with _TORCH_THREADS:   # torch's thread count is global: callers in other threads wait, never restore 1
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 class SerFiq:

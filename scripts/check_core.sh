@@ -24,7 +24,10 @@ for detector in scrfd_2.5g yunet; do
     --fr-model "$SHARED/models/mobilefacenet_paddlex_128d.onnx" --out "$out/$detector" --quiet
   rows=$(wc -l < "$out/$detector/metadata.jsonl")
   [ "$rows" -ge 3 ] || { echo "check_core: $detector kept $rows faces" >&2; exit 1; }
-  echo "core run with $detector: $rows faces kept"
+  precision=$("$VENV/bin/python" -c "import json, sys; print(json.load(open(sys.argv[1]))['engines']['face_detector_precision'])" "$out/$detector/summary.json")
+  # The installed package carries SCRFD's fitted ranges, and this ONNX Runtime builds the 8-bit graph from them.
+  [ "$detector" != scrfd_2.5g ] || [ "$precision" = int8 ] || { echo "check_core: scrfd_2.5g ran in $precision" >&2; exit 1; }
+  echo "core run with $detector ($precision): $rows faces kept"
 done
 # Without the extra, asking for mediapipe is one clear line and exit code 2, not a traceback.
 set +e

@@ -79,6 +79,16 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area_a[:, None] + area_b[None] - inter)
 
 
+def match_faces(ref: Detections, other: Detections, min_iou: float = 0.5) -> list[tuple[int, int, float]]:
+    """Each face of `ref` and the face of `other` that overlaps it most, if by `min_iou`: (i, j, keypoint error),
+    the error being the 5 points' mean distance over the `ref` face's side."""
+    if not len(ref) or not len(other):
+        return []
+    iou = box_iou(ref.xyxy, other.xyxy)
+    return [(i, int(j), float(np.linalg.norm(ref.five[i] - other.five[j], axis=1).mean() / ref.side[i]))
+            for i, j in enumerate(iou.argmax(axis=1)) if iou[i, j] >= min_iou]
+
+
 def detection_stride(fps: float, rate: float) -> int:
     """Detect on every n-th frame so that detections come at about `rate` per second (0: every frame)."""
     return 1 if rate <= 0 or fps <= rate else max(1, round(fps / rate))
@@ -88,6 +98,7 @@ class Detector(Protocol):
     name: str
     backend: str       # where it runs: "ort/cpu", "tensorrt/cuda", "opencv/cpu", ...
     size: int | None   # the longer side it reads frames at (never scaled up); None: the whole frame
+    precision: str     # the weights that run: "fp32", or "int8" (SCRFD on ONNX Runtime's CPU provider)
 
     def detect(self, images: Sequence[np.ndarray], scale: float = 1.0) -> list[Detections]:
         """RGB frames (all of one size), each `scale` times its source's size -> one `Detections` per frame, in
@@ -283,6 +294,7 @@ class YunetDetector:
     """YuNet through OpenCV's own post-processing (`cv2.FaceDetectorYN`), one frame at a time on CPU."""
 
     backend = "opencv/cpu"
+    precision = "fp32"
 
     def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path, device: str, backend: str):
         self.name, self.box_scale, self.size = spec.name, spec.box_scale, cfg.size
@@ -314,6 +326,7 @@ class MediapipeDetector:
     """mediapipe's full-range detector (the short-range one misses ~100 px faces in 720p)."""
 
     backend = "mediapipe/cpu"
+    precision = "fp32"
     size = None   # it scales frames itself
 
     def __init__(self, spec: DetectorSpec, cfg: DetectConfig, path: Path | None, device: str, backend: str):

@@ -94,7 +94,7 @@ class Models:
     def engines(self) -> dict[str, str]:
         out = {"face_detector": self.faces.name, "face_detector_backend": self.faces.detector.backend,
                # the weights that ran: "int8" may fall back to float (detect.ScrfdDetector._int8)
-               "face_detector_precision": getattr(self.faces.detector, "precision", "fp32"),
+               "face_detector_precision": self.faces.detector.precision,
                "fr_backbone": f"{self.serfiq.engine.backend}/{self.serfiq.engine.device}"}
         if self.iqa is not None:
             out["iqa"] = f"{self.iqa.engine.backend}/{self.iqa.engine.device}"

@@ -8,7 +8,6 @@ from a fixed seed, so a face always gets the same score.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import threading
 from dataclasses import dataclass

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from cafi_stream.analyse import FaceAnalysis  # noqa: E402
 from cafi_stream.config import load_config  # noqa: E402
 from cafi_stream.decode import VideoFrame  # noqa: E402
-from cafi_stream.detect import box_iou, input_scale  # noqa: E402
+from cafi_stream.detect import input_scale, match_faces  # noqa: E402
 from cafi_stream.models import default_models_dir  # noqa: E402
 from readme_block import replace_block  # noqa: E402
 
@@ -86,17 +86,12 @@ def evaluate(every: int, limit: int) -> dict:
                 t0 = time.perf_counter()
                 dets = (exact.detector if name == FLOAT else detector).detect([frame.scaled(s)], s)[0]
                 stats[name]["seconds"] += time.perf_counter() - t0
-                if not len(ref) or not len(dets):
-                    continue
-                overlap = box_iou(ref.xyxy, dets.xyxy)
-                for i, j in enumerate(overlap.argmax(axis=1)):
-                    if overlap[i, j] >= 0.5:
-                        stats[name]["found"] += 1
-                        err = np.linalg.norm(ref.five[i] - dets.five[j], axis=1).mean() / ref.side[i]
-                        stats[name]["errors"].append(float(err))
-                        if name == DEFAULT:
-                            five = analysis.landmarks(frame, dets, int(j)).five
-                            refined.append(float(np.linalg.norm(ref.five[i] - five, axis=1).mean() / ref.side[i]))
+                for i, j, err in match_faces(ref, dets):
+                    stats[name]["found"] += 1
+                    stats[name]["errors"].append(err)
+                    if name == DEFAULT:
+                        five = analysis.landmarks(frame, dets, j).five
+                        refined.append(float(np.linalg.norm(ref.five[i] - five, axis=1).mean() / ref.side[i]))
         result["clips"][clip.name] = {"size": f"{width}x{height}", "frames": len(frames), "faces": clip_faces}
         print(clip.name, result["clips"][clip.name], file=sys.stderr)
     analysis.close()

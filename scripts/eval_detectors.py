@@ -55,6 +55,7 @@ def frames_of(path: Path, every: int, limit: int):
 FILES = {"scrfd_2.5g": OPTIONAL / "scrfd_2.5g_bnkps_640.onnx", "yunet": OPTIONAL / "face_detection_yunet_2026may.onnx"}
 # Measured against the same reference faces, without a vote in it: the default detector with float weights.
 FLOAT = "scrfd_2.5g (float weights)"
+DETECTOR_OF = {FLOAT: "scrfd_2.5g"}   # a row's registry entry, where the row is not one
 
 
 def analysers(min_confidence: float) -> dict[str, FaceAnalysis]:
@@ -62,7 +63,8 @@ def analysers(min_confidence: float) -> dict[str, FaceAnalysis]:
     cfg = dataclasses.replace(load_config().detect, min_confidence=min_confidence)
     out = {name: FaceAnalysis(dataclasses.replace(cfg, model=str(FILES.get(name, name))), OPTIONAL)
            for name in DETECTORS}
-    out[FLOAT] = FaceAnalysis(dataclasses.replace(cfg, model=str(FILES["scrfd_2.5g"]), precision="fp32"), OPTIONAL)
+    out[FLOAT] = FaceAnalysis(dataclasses.replace(cfg, model=str(FILES[DETECTOR_OF[FLOAT]]), precision="fp32"),
+                              OPTIONAL)
     return out
 
 
@@ -150,7 +152,7 @@ def evaluate(every: int, limit: int, min_face: float, threshold: float) -> dict:
         "ms_per_frame": {n: round(1000 * seconds[n] / frames, 1) for n in names},
         # mediapipe's side over this detector's, on the same faces: the factor that makes the two boxes agree
         "box_ratio_to_mediapipe": {n: round(float(np.median(r)), 3) for n, r in ratios.items() if r},
-        "licence": {n: DETECTORS[n.split()[0]].licence for n in names},
+        "licence": {n: DETECTORS[DETECTOR_OF.get(n, n)].licence for n in names},
         "clips": per_clip,
     }
 

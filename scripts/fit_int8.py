@@ -37,7 +37,7 @@ from cafi_stream import degrade  # noqa: E402
 from cafi_stream.analyse import FaceAnalysis  # noqa: E402
 from cafi_stream.backend import engines_dir  # noqa: E402
 from cafi_stream.decode import VideoFrame  # noqa: E402
-from cafi_stream.detect import box_iou, calibration_file, dynamic_onnx, opset13  # noqa: E402
+from cafi_stream.detect import calibration_file, dynamic_onnx, match_faces, opset13  # noqa: E402
 from cafi_stream.models import sha256_of  # noqa: E402
 from eval_real import clips  # noqa: E402
 
@@ -125,15 +125,11 @@ def check(every: int) -> None:
     errors = []
     for clip in clips("report"):
         for img in frames_of(clip, every):
-            ref, dets = base(img), int8(img)
+            ref = base(img)
+            matched = match_faces(ref, int8(img))
             total += len(ref)
-            if not len(ref) or not len(dets):
-                continue
-            iou = box_iou(ref.xyxy, dets.xyxy)
-            for i, j in enumerate(iou.argmax(axis=1)):
-                if iou[i, j] >= 0.5:
-                    found += 1
-                    errors.append(np.linalg.norm(ref.five[i] - dets.five[j], axis=1).mean() / ref.side[i])
+            found += len(matched)
+            errors += [err for _, _, err in matched]
     print(f"held-out: {found}/{total} float faces found; keypoint error / side: median "
           f"{np.median(errors):.4f}, 90th pct {np.percentile(errors, 90):.4f}")
 

@@ -89,7 +89,7 @@ def test_scrfd_backends_and_batches_agree(frames):
 def test_int8_detector_finds_what_the_float_one_finds(frames):
     """The 8-bit SCRFD, built from the package's fitted ranges, finds the faces the float one finds on real
     frames (none of them calibration clips), with keypoints within 1.5% of the face's side."""
-    from cafi_stream.detect import box_iou
+    from cafi_stream.detect import match_faces
 
     fp32, int8 = face_analysis(model="scrfd_2.5g", precision="fp32"), face_analysis(model="scrfd_2.5g",
                                                                                        precision="int8")
@@ -99,15 +99,12 @@ def test_int8_detector_finds_what_the_float_one_finds(frames):
         errors = []
         for clip in frames:
             for f in clip:
-                ref, got = fp32(f), int8(f)
+                ref = fp32(f)
                 ref = ref[ref.side >= 40]
+                matched = match_faces(ref, int8(f))
                 total += len(ref)
-                if len(ref) and len(got):
-                    iou = box_iou(ref.xyxy, got.xyxy)
-                    for i, j in enumerate(iou.argmax(axis=1)):
-                        if iou[i, j] >= 0.5:
-                            found += 1
-                            errors.append(np.linalg.norm(ref.five[i] - got.five[j], axis=1).mean() / ref.side[i])
+                found += len(matched)
+                errors += [err for _, _, err in matched]
         assert total >= 20 and found >= 0.95 * total
         assert np.median(errors) < 0.01 and np.percentile(errors, 90) < 0.015
     finally:

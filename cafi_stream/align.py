@@ -65,21 +65,29 @@ def _square_warp_matrix(box: np.ndarray, size: int) -> np.ndarray:
 
 
 def _square_resize(image: np.ndarray, box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The whole pixels of the square `box` (zeros outside the image) resized to size x size: bicubic up, area
-    down. A warp of the same scale costs ~15x more when bicubic. Also the 2x3 matrix from image to crop pixels."""
-    n = max(1, int(round(float(box[2] - box[0]))))
-    x0, y0 = int(round(float(box[0]))), int(round(float(box[1])))
-    scale = size / n
-    m = np.array([[scale, 0, (0.5 - x0) * scale - 0.5], [0, scale, (0.5 - y0) * scale - 0.5]], np.float32)
+    """The square `box` (zeros outside the image) resampled to size x size at its exact (sub-pixel) place and scale,
+    as a warp would: bicubic up, area down, but through a resize of whole pixels, which costs ~15x less than a
+    bicubic warp. Also the 2x3 matrix from image to crop pixels."""
+    x0, y0, side = float(box[0]), float(box[1]), max(float(box[2] - box[0]), 1e-3)
+    # A window of whole pixels with a 2 px margin is resized to a whole size (its scale off by under half an output
+    # pixel across the crop); the crop then starts at the output pixel nearest to the box's corner.
+    ax, ay = int(np.floor(x0)) - 2, int(np.floor(y0)) - 2
+    n = int(np.ceil(side)) + 5
+    out_n = max(size, int(round(n * size / side)))
+    s = out_n / n
+    cx = min(max(0, int(round((x0 - ax + 0.5) * s - 0.5))), out_n - size)
+    cy = min(max(0, int(round((y0 - ay + 0.5) * s - 0.5))), out_n - size)
+    # crop pixel (u, v) samples image point (ax + (u + cx + 0.5) / s - 0.5, ...)
+    m = np.array([[s, 0, (0.5 - ax) * s - 0.5 - cx], [0, s, (0.5 - ay) * s - 0.5 - cy]], np.float32)
     h, w = image.shape[:2]
-    ax, ay, bx, by = max(0, x0), max(0, y0), min(w, x0 + n), min(h, y0 + n)
-    if bx <= ax or by <= ay:
+    bx0, by0, bx1, by1 = max(0, ax), max(0, ay), min(w, ax + n), min(h, ay + n)
+    if bx1 <= bx0 or by1 <= by0:
         return np.zeros((size, size, 3), np.uint8), m
-    part = image[ay:by, ax:bx]
-    if (ax, ay, bx, by) != (x0, y0, x0 + n, y0 + n):
-        part = cv2.copyMakeBorder(part, ay - y0, y0 + n - by, ax - x0, x0 + n - bx, cv2.BORDER_CONSTANT, value=0)
-    interp = cv2.INTER_CUBIC if n < size else cv2.INTER_AREA
-    return cv2.resize(part, (size, size), interpolation=interp), m
+    part = image[by0:by1, bx0:bx1]
+    if (bx0, by0, bx1, by1) != (ax, ay, ax + n, ay + n):
+        part = cv2.copyMakeBorder(part, by0 - ay, ay + n - by1, bx0 - ax, ax + n - bx1, cv2.BORDER_CONSTANT, value=0)
+    big = cv2.resize(part, (out_n, out_n), interpolation=cv2.INTER_CUBIC if s > 1 else cv2.INTER_AREA)
+    return big[cy:cy + size, cx:cx + size], m
 
 
 def context_crop(image: np.ndarray, box: np.ndarray, scale: float) -> np.ndarray:

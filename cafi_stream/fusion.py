@@ -109,6 +109,11 @@ class RunningStats:
         self.mean[ok] += d[ok] / self.n[ok]
         self._m2[ok] += d[ok] * (x[ok] - self.mean[ok])
 
+    @property
+    def level(self) -> np.ndarray:
+        """The mean of each signal so far, NaN where none was seen."""
+        return np.where(self.n > 0, self.mean, np.nan)
+
     def z(self, x: np.ndarray) -> np.ndarray:
         """z-scores of `x` under the statistics so far; 0 (the track's typical value) where unknown."""
         std = np.sqrt(np.divide(self._m2, self.n, out=np.zeros_like(self._m2), where=self.n > 1))
@@ -137,19 +142,28 @@ class FusionModel:
                    thresholds=np.array([p["thresholds"].get(n, (np.nan, np.nan)) for n in NAMES], np.float64),
                    cap=p["cap"], floor=p["floor"])
 
-    def features(self, x: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Features (..., signals) from raw signals `x` and their z-scores `z` within the track."""
+    def features(self, x: np.ndarray, z: np.ndarray, level: np.ndarray) -> np.ndarray:
+        """Features (..., signals) from raw signals `x`, their z-scores `z` within the track and the track's mean
+        `level` of each. An absolute signal is penalised under its fixed threshold, or under the track's own level
+        less one clean standard deviation when that is lower: a source's own grain or compression (a grainy photo,
+        a noisy camera) is its baseline, so that the smoother faces of a degraded moment do not outrank it."""
         t, s = self.thresholds[:, 0], self.thresholds[:, 1]
-        below = np.divide(t - x, s, out=np.zeros_like(z), where=ABSOLUTE & np.isfinite(x))
+        below = np.divide(np.fmin(t, level - s) - x, s, out=np.zeros_like(z), where=ABSOLUTE & np.isfinite(x))
         return np.where(ABSOLUTE, -np.clip(below, 0.0, 3.0), np.clip(z, -3.0, self.tau))
 
     def score(self, x: np.ndarray, stats: RunningStats) -> float:
         """One face's score from its raw signals and its track's statistics."""
-        return float(self.features(x, stats.z(x)) @ self.weights)
+        return float(self.features(x, stats.z(x), stats.level) @ self.weights)
+
+    def group_features(self, x: np.ndarray) -> np.ndarray:
+        """Features of a group of faces' raw signals (faces x signals, one or more), against the group's own
+        statistics."""
+        stats = group_stats(x)
+        return self.features(x, np.stack([stats.z(row) for row in x]), stats.level)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """Scores of a group of faces' raw signals (faces x signals), standardised over the group."""
-        return self.features(x, standardise(x)) @ self.weights if len(x) else np.zeros(0)
+        """Scores of a group of faces' raw signals, standardised over the group."""
+        return self.group_features(x) @ self.weights if len(x) else np.zeros(0)
 
 
 class TrackScores:
@@ -178,9 +192,9 @@ def _params(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def standardise(x: np.ndarray) -> np.ndarray:
-    """z-scores of the rows of `x` (faces x signals) against their own statistics (NaN: 0)."""
+def group_stats(x: np.ndarray) -> RunningStats:
+    """The statistics of the rows of `x` (faces x signals)."""
     stats = RunningStats(x.shape[1])
     for row in x:
         stats.add(row)
-    return np.stack([stats.z(row) for row in x]) if len(x) else np.zeros_like(x)
+    return stats

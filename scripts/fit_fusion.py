@@ -16,7 +16,8 @@ every signal. Per track the signals are standardised over the track, as the Sele
 
 Model (cafi_stream/fusion.py): score = sum_i w_i * feature_i, w on the capped simplex (a floor <= w_i <= CAP for
 SER-FIQ and IQA, 0 <= w_i <= CAP for the others, sum 1). The absolute signals' thresholds are the 5th percentile
-of clean fit faces, their scales the clean faces' standard deviation. The weights are fitted by projected gradient
+of clean fit faces, their scales the clean faces' standard deviation (a face is judged against the lower of its
+threshold and its track's level less one scale). The weights are fitted by projected gradient
 descent on the pairwise logistic loss of (clean, degraded) face pairs within a track, each (track, degradation
 kind) weighing the same within its family; tau and SER-FIQ's floor are chosen by cross-validation over fit people
 (FOLDS groups held out in turn: the best worst-kind AUC). Two weight sets are fitted: with the IQA signal, and
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import eval_real  # noqa: E402
-from cafi_stream.fusion import ABSOLUTE, NAMES, PARAMS, FusionModel, row_signals, standardise  # noqa: E402
+from cafi_stream.fusion import ABSOLUTE, NAMES, PARAMS, FusionModel, row_signals  # noqa: E402
 
 SEEDS = (10, 11)
 # Cards (scripts/eval_selection.py's synthetic degradations of face photos) of the 25 people of
@@ -52,7 +53,8 @@ TAUS = (0.5, 1.0, 2.0)
 FOLDS = 5   # cross-validation folds of fit people
 SERFIQ_FLOORS = (0.1,)   # SER-FIQ's least weight, chosen with tau (0.2 was worse for every tau); IQA's is IQA_FLOOR
 IQA_FLOOR = 0.1
-VERSION = "4"   # 4: fitted on real video and cards of other people; phase-free blockiness; eye span
+VERSION = "5"   # 5: absolute signals judged against the track's own level too; int8 SCRFD front end
+# 4: fitted on real video and cards of other people; phase-free blockiness; eye span
 
 
 def front_end() -> dict:
@@ -60,7 +62,7 @@ def front_end() -> dict:
     from cafi_stream.config import load_config
 
     detect = load_config(overrides=eval_real.base_config()).detect
-    return {"detector": detect.model, "landmarks": detect.landmarks}
+    return {"detector": detect.model, "precision": detect.precision, "landmarks": detect.landmarks}
 
 
 def _scored(work: Path, name: str, build, models: list) -> tuple[list[dict], dict]:
@@ -135,7 +137,7 @@ def model(tracks: list[dict], tau: float, serfiq_floor: float) -> FusionModel:
 
 
 def features(m: FusionModel, t: dict, use: np.ndarray) -> np.ndarray:
-    return np.where(use, m.features(t["x"], standardise(t["x"])), 0.0)
+    return np.where(use, m.group_features(t["x"]), 0.0)
 
 
 def fit(tracks: list[dict], m: FusionModel, use: np.ndarray, steps: int = 400) -> FusionModel:

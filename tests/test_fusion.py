@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from cafi_stream.config import load_config
-from cafi_stream.fusion import NAMES, PARAMS, FusionModel, RunningStats, signal_vector, standardise
+from cafi_stream.fusion import ABSOLUTE, NAMES, PARAMS, FusionModel, RunningStats, signal_vector
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import eval_real  # noqa: E402
@@ -41,10 +41,30 @@ def test_running_statistics_match_the_batch_ones():
     stats = RunningStats()
     for row in x:
         stats.add(row)
-    assert np.allclose(stats.z(x[-1]), standardise(x)[-1])
-    ok = np.isfinite(x[:, 1])
-    assert stats.z(x[-2])[1] == pytest.approx((x[-2, 1] - x[ok, 1].mean()) / x[ok, 1].std())
+    assert np.allclose(stats.level, np.nanmean(x, axis=0))
+    assert np.allclose(stats.z(x[-2]), (x[-2] - np.nanmean(x, axis=0)) / np.nanstd(x, axis=0))
     assert stats.z(x[-1])[1] == 0.0   # no IQA score: the track's typical value
+
+
+def test_a_sources_own_grain_is_its_baseline():
+    """An absolute signal (noise, blockiness) penalises a face under its fixed threshold only as far as the face is
+    also under its track's own level: in a grainy source the clean faces are not outranked by smoothed ones."""
+    m = FusionModel.load()
+    t, s = m.thresholds[:, 0], m.thresholds[:, 1]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, len(NAMES)))
+    k = NAMES.index("noise")
+    x[:, k] = t[k] - 4 * s[k] + rng.normal(0, 0.2 * s[k], len(x))   # every face far noisier than clean fit faces
+    x[-1, k] = t[k] + s[k]                                          # one smoothed face: less noise than its source
+    x[-2, k] = x[:-2, k].mean() - 2.5 * s[k]                        # one face much noisier than its source
+    f = m.group_features(x)
+    assert (f[:-2, k] == 0).mean() > 0.9 and f[-1, k] == 0   # the source's level costs nothing
+    assert f[-2, k] < -0.9                                   # what is noisier than the source does
+    # a clean source keeps the fixed threshold: a face under it is penalised though the track is clean
+    x[:, k] = t[k] + s[k]
+    x[-2, k] = t[k] - s[k]
+    assert m.group_features(x)[-2, k] == pytest.approx(-1.0, abs=0.1)
+    assert ABSOLUTE[k]
 
 
 @pytest.fixture(scope="module")

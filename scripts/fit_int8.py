@@ -37,7 +37,7 @@ from cafi_stream import degrade  # noqa: E402
 from cafi_stream.analyse import FaceAnalysis  # noqa: E402
 from cafi_stream.backend import engines_dir  # noqa: E402
 from cafi_stream.decode import VideoFrame  # noqa: E402
-from cafi_stream.detect import calibration_file, dynamic_onnx, match_faces, opset13  # noqa: E402
+from cafi_stream.detect import calibration_file, dynamic_onnx, int8_options, match_faces, opset13  # noqa: E402
 from cafi_stream.models import sha256_of  # noqa: E402
 from eval_real import clips  # noqa: E402
 
@@ -98,7 +98,7 @@ def record(faces: FaceAnalysis, every: int) -> list[np.ndarray]:
 
 
 def fit(inputs: list[np.ndarray], dynamic: Path, out: Path) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     model = opset13(dynamic)
     name = model.graph.input[0].name
@@ -114,8 +114,7 @@ def fit(inputs: list[np.ndarray], dynamic: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        quantize_static(model, Path(tmp) / "int8.onnx", Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibration_cache_path=out)
+        quantize_static(model, Path(tmp) / "int8.onnx", Reader(), calibration_cache_path=out, **int8_options())
 
 
 def check(every: int) -> None:

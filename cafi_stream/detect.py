@@ -213,12 +213,15 @@ def int8_onnx(dynamic: Path, ranges: Path, out_dir: Path) -> Path:
 
     from onnxruntime.quantization import quantize_static
 
-    out = out_dir / f"{dynamic.stem}_int8r7_{hashlib.sha256(ranges.read_bytes()).hexdigest()[:16]}.onnx"
+    options = int8_options()
+    # named by the ranges and the options, so that a change of either builds a new graph instead of reusing one
+    key = hashlib.sha256(ranges.read_bytes() + repr(sorted(options.items())).encode()).hexdigest()[:16]
+    out = out_dir / f"{dynamic.stem}_int8_{key}.onnx"
     if out.is_file():
         return out
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        quantize_static(opset13(dynamic), tmp, None, calibration_cache_path=ranges, **int8_options())
+        quantize_static(opset13(dynamic), tmp, None, calibration_cache_path=ranges, **options)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Stage 7a: the learned fusion that ranks a track's faces from SER-FIQ, the IQA score and the capture measures.
+"""Stage 7a: the learned fusion that ranks a track's faces from SER-FIQ, the IQA score, the capture measures and
+the face's typicality within its track.
 
 Every signal is oriented so that higher should be better, then turned into a feature on a common scale:
 - "relative" signals (whose level depends on the person, the light and the camera: SER-FIQ, IQA, sharpness, ...)
@@ -56,6 +57,8 @@ SIGNALS = (
     Signal("uniformity", lambda m: m["illumination_uniformity"], "darker / brighter half of the face"),
     Signal("frontal", lambda m: -abs(m["yaw"]), "minus |yaw|"),
     Signal("eye_span", lambda m: m["eye_span"], "eye distance over eye-to-mouth height (a turn shortens it)"),
+    Signal("typicality", lambda m: m["typicality"], "cosine of the embedding to its track's earlier faces' mean "
+           "embedding (`Centroids`): how much the face looks like its own person"),
 )
 NAMES = tuple(s.name for s in SIGNALS)
 
@@ -68,10 +71,11 @@ def ranking_fusion(rank, with_iqa: bool) -> str:
     return "filter"
 
 
-def signal_vector(serfiq: float, iqa: float | None, capture) -> np.ndarray:
-    """The raw oriented signals of one face (NaN where a signal is missing: no IQA call, no measures)."""
+def signal_vector(serfiq: float, iqa: float | None, capture, typicality: float | None = None) -> np.ndarray:
+    """The raw oriented signals of one face (NaN where a signal is missing: no IQA call, no measures, no earlier
+    face of its track)."""
     m = dict(capture.as_dict(digits=8) if hasattr(capture, "as_dict") else (capture or {}))
-    m["serfiq"], m["iqa"] = serfiq, iqa
+    m["serfiq"], m["iqa"], m["typicality"] = serfiq, iqa, typicality
     out = np.full(len(SIGNALS), np.nan)
     for i, s in enumerate(SIGNALS):
         try:
@@ -86,12 +90,14 @@ def signal_vector(serfiq: float, iqa: float | None, capture) -> np.ndarray:
 def row_signals(row: dict) -> np.ndarray:
     """`signal_vector` of a `--scores-out` or metadata.jsonl line (its IQA signal only if the face got an IQA
     call)."""
-    return signal_vector(row["serfiq"], row["quality"] if row.get("iqa") is not None else None, row.get("capture"))
+    return signal_vector(row["serfiq"], row["quality"] if row.get("iqa") is not None else None, row.get("capture"),
+                         row.get("typicality"))
 
 
 def face_row_signals(row) -> np.ndarray:
     """The same for a `rows.FaceRow`."""
-    return row_signals({"serfiq": row.serfiq, "quality": row.quality, "iqa": row.iqa, "capture": row.capture})
+    return row_signals({"serfiq": row.serfiq, "quality": row.quality, "iqa": row.iqa, "capture": row.capture,
+                        "typicality": row.typicality})
 
 
 class RunningStats:
@@ -184,6 +190,27 @@ class TrackScores:
 
     def forget(self, track_id: int) -> None:
         self._stats.pop(track_id, None)
+
+
+class Centroids:
+    """Per track, the sum of its faces' unit embeddings. A face's typicality is its cosine to the mean of the
+    track's earlier faces: a face unlike its own person (an odd pose or expression, a hand over it, blur the network
+    reads as another face) sits far from it, and a frontal, typical face near it is what a comparison with other
+    photos of the person needs (on a clean interview it follows the genuine cosine to the person's photos)."""
+
+    def __init__(self):
+        self._sum: dict[int, np.ndarray] = {}
+
+    def typicality(self, track_id: int, embedding: np.ndarray) -> float | None:
+        """The face's typicality (None for a track's first face), then the face joins its track's mean."""
+        e = np.asarray(embedding, np.float64)
+        s = self._sum.get(track_id)
+        self._sum[track_id] = e.copy() if s is None else s + e
+        n = None if s is None else float(np.linalg.norm(s))
+        return float(e @ s / n) if n else None
+
+    def forget(self, track_id: int) -> None:
+        self._sum.pop(track_id, None)
 
 
 @functools.lru_cache(maxsize=4)

@@ -30,7 +30,7 @@ from .decode import Decoder, VideoFrame
 from .analyse import Analyser, EndedTrack, FaceAnalysis, nothing_kept
 from .backend import resolve_device
 from .errors import OutputError
-from .fusion import FusionModel, TrackScores, ranking_fusion, signal_vector
+from .fusion import Centroids, FusionModel, TrackScores, ranking_fusion, signal_vector
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .models import default_models_dir, resolve_fr_model, sha256_of
@@ -195,6 +195,7 @@ class _Run:
         self.selector = build_selector(cfg, models.serfiq.spec.serfiq_min, self.iqa is not None)
         model = self.selector.model
         self.scores = ScoresLog(scores_out) if scores_out is not None else None
+        self.centroids = Centroids()
         c = cfg.cascade
         self.exhaustive = c.exhaustive
         self.provisional = not c.exhaustive and self.selector.fusion == "learned" and self.iqa is not None
@@ -227,8 +228,9 @@ class _Run:
     # -- flow
     def _pump(self, flush: bool = False, ending: int | None = None) -> None:
         for face, (score, emb) in (self.serfiq_batch.flush() if flush else self.serfiq_batch.poll()):
-            face = dataclasses.replace(face, serfiq=score, embedding=emb,
-                                       signals=signal_vector(score, None, face.measures))
+            typical = self.centroids.typicality(face.track_id, emb)
+            face = dataclasses.replace(face, serfiq=score, embedding=emb, typicality=typical,
+                                       signals=signal_vector(score, None, face.measures, typical))
             with self.timer("select"):
                 passes = self.selector.passes(face.track_id, score)
             if self.scores is not None:
@@ -259,7 +261,7 @@ class _Run:
     def _scored_iqa(self, face: ScoredFace, value: float) -> None:
         quality = self.iqa.oriented(value)
         face = dataclasses.replace(face, iqa=value, quality=quality,
-                                   signals=signal_vector(face.serfiq, quality, face.measures))
+                                   signals=signal_vector(face.serfiq, quality, face.measures, face.typicality))
         with self.timer("select"):
             self.selector.offer(face, seen=self.provisional)
         if self.scores is not None:
@@ -274,6 +276,7 @@ class _Run:
                 self.serfiq_batch.add(face)
             self._pump(flush=True, ending=tid)
             self._confirm(tid)
+            self.centroids.forget(tid)
             with self.timer("select"):
                 if self.scores is not None:
                     threshold, score = self.selector.judge(tid)

@@ -40,6 +40,8 @@ class FaceRow:
     track_start: float
     track_end: float
     embedding: tuple               # unit SER-FIQ embedding
+    typicality: float | None = None   # cosine to its track's earlier faces' mean embedding (fusion.Centroids);
+                                      # None for a track's first face, and in files written before it existed
     video: str | None = None       # a batch's video key (paths are then relative to the dataset)
     identity_id: int | None = None
 

@@ -42,6 +42,7 @@ class ScoredFace:
     quality: float = 0.0      # the ranker's measure, higher is better (oriented IQA for cafi)
     pose: str = "frontal"     # frontal | left | right (pose_bin of yaw)
     measures: object = None   # measures.CaptureMeasures
+    typicality: float | None = None     # fusion.Centroids: cosine to its track's earlier faces' mean embedding
     signals: np.ndarray | None = None   # fusion.signal_vector of the scores so far (set by the pipeline)
 
 

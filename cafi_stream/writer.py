@@ -73,6 +73,7 @@ class OutputWriter:
                 iqa=None if f.iqa is None else float(f.iqa), quality=float(f.quality), score=float(f.score),
                 sharpness=round(f.sharpness, 2), yaw=round(f.yaw, 3), pose=f.pose,
                 capture=f.measures.as_dict() if f.measures is not None else None,
+                typicality=None if f.typicality is None else round(f.typicality, 6),
                 similarity=round(float(similarity), 4) if len(kept) > 1 else None,
                 track_start=round(span[0], 4), track_end=round(span[1], 4), embedding=rounded(f.embedding, 6)))
         return rows
@@ -158,6 +159,7 @@ class ScoresLog:
             "frame_index": face.frame_index, "pts_time": round(face.pts_time, 4), "track_id": face.track_id,
             "bbox": rounded(face.bbox), "det_score": round(face.det_score, 4), "sharpness": round(face.sharpness, 2),
             "yaw": round(face.yaw, 3), "serfiq": float(face.serfiq), "iqa": None, "quality": None,
+            "typicality": None if face.typicality is None else round(face.typicality, 6),
             "capture": face.measures.as_dict() if face.measures is not None else None}
         self._faces.setdefault(face.track_id, {})[face.frame_index] = face
 

@@ -53,7 +53,8 @@ TAUS = (0.5, 1.0, 2.0)
 FOLDS = 5   # cross-validation folds of fit people
 SERFIQ_FLOORS = (0.1,)   # SER-FIQ's least weight, chosen with tau (0.2 was worse for every tau); IQA's is IQA_FLOOR
 IQA_FLOOR = 0.1
-VERSION = "5"   # 5: absolute signals judged against the track's own level too; int8 SCRFD front end
+VERSION = "6"   # 6: typicality (cosine to the track's mean embedding); 7-bit int8 SCRFD front end
+# 5: absolute signals judged against the track's own level too; int8 SCRFD front end
 # 4: fitted on real video and cards of other people; phase-free blockiness; eye span
 
 

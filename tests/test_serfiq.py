@@ -110,3 +110,26 @@ def test_serfiq_ranks_clean_above_degraded(serfiq, aligned_photos):
         report.append(f"{kind:9s} Spearman(severity, score) {rho:+.2f}")
     print("\nSER-FIQ on {} aligned photos:\n".format(len(faces)) + "\n".join(report))
     assert not failures, failures
+
+
+def test_typicality_follows_the_tracks_own_person(serfiq, aligned_photos):
+    """fusion.Centroids on real photos: after a track of one person's photos, another photo of that person is more
+    typical of the track than the same photo blurred, and far more than another person."""
+    from cafi_stream.fusion import Centroids
+
+    own = [n for n in aligned_photos if n.startswith("obama__") and "partial" not in n]
+    other = next(n for n in aligned_photos if n.startswith("biden__"))
+    track, probe = own[:-1], aligned_photos[own[-1]]
+    emb = serfiq(np.stack([aligned_photos[n] for n in track]
+                          + [probe, degrade.gaussian_blur(probe, 3), aligned_photos[other]])).embeddings
+
+    def after_track(e):
+        c = Centroids()
+        assert c.typicality(7, emb[0]) is None   # a track's first face has nothing to be typical of
+        for earlier in emb[1:len(track)]:
+            c.typicality(7, earlier)
+        return c.typicality(7, e)
+
+    same, blurred, stranger = (after_track(e) for e in emb[len(track):])
+    print(f"\ntypicality: another photo {same:.3f}, blurred {blurred:.3f}, another person {stranger:.3f}")
+    assert same > blurred + 0.05 and blurred > stranger and same > stranger + 0.3

@@ -14,20 +14,13 @@ Data: each family's test videos (real: eval_real's, one per seed in SEEDS, each 
 eval_selection's, CARD_SEEDS), run through the real pipeline with --exhaustive and --scores-out, so every face has
 every signal. Per track the signals are standardised over the track, as the Selector does at the end of a track.
 
-Utility: on the real fit videos, every face's embedding is also taken (one more run that keeps every face), and
-each clean face gets a target: its cosine to the mean embedding of its person's clean faces in the *other* seconds
-of the video, a template like a gallery of other photos of the person. Pairs of a track's clean faces whose targets
-differ by more than UTILITY_GAP are a third family of the loss, weighing LAMBDA against the two others: among
-faces that are all clean, the one that looks more like the person's other moments should rank first.
-
 Model (cafi_stream/fusion.py): score = sum_i w_i * feature_i, w on the capped simplex (a floor <= w_i <= CAP for
 SER-FIQ and IQA, 0 <= w_i <= CAP for the others, sum 1). The absolute signals' thresholds are the 5th percentile
 of clean fit faces, their scales the clean faces' standard deviation (a face is judged against the lower of its
 threshold and its track's level less one scale). The weights are fitted by projected gradient
 descent on the pairwise logistic loss of (clean, degraded) face pairs within a track, each (track, degradation
-kind) weighing the same within its family; tau, SER-FIQ's floor and LAMBDA are chosen by cross-validation over fit
-people (FOLDS groups held out in turn): of the settings whose held-out worst-kind AUC is within AUC_SLACK of the
-best, the one that orders the held-out clean pairs by their utility target best. Two weight sets are fitted: with the IQA signal, and
+kind) weighing the same within its family; tau and SER-FIQ's floor are chosen by cross-validation over fit people
+(FOLDS groups held out in turn: the best worst-kind AUC). Two weight sets are fitted: with the IQA signal, and
 without it (for --iqa none).
 """
 
@@ -60,12 +53,7 @@ TAUS = (0.5, 1.0, 2.0)
 FOLDS = 5   # cross-validation folds of fit people
 SERFIQ_FLOORS = (0.1,)   # SER-FIQ's least weight, chosen with tau (0.2 was worse for every tau); IQA's is IQA_FLOOR
 IQA_FLOOR = 0.1
-LAMBDAS = (0.0, 0.25, 0.5, 1.0)   # the utility family's weight against the clean-versus-degraded families' 1 each
-UTILITY_GAP = 0.02   # least target difference of a utility pair (genuine cosines of clean faces spread ~0.02-0.05)
-UTILITY_PAIRS = 3000   # at most this many utility pairs a track (a fixed random draw)
-AUC_SLACK = 0.01
-VERSION = "7"   # 7: a utility family in the loss
-# 6: typicality (cosine to the track's mean embedding); 7-bit int8 SCRFD front end
+VERSION = "6"   # 6: typicality (cosine to the track's mean embedding); 7-bit int8 SCRFD front end
 # 5: absolute signals judged against the track's own level too; int8 SCRFD front end
 # 4: fitted on real video and cards of other people; phase-free blockiness; eye span
 
@@ -78,68 +66,26 @@ def front_end() -> dict:
     return {"detector": detect.model, "precision": detect.precision, "landmarks": detect.landmarks}
 
 
-def _loaded(models: list):
-    """The pipeline's models for the fit runs, loaded on first use."""
-    from cafi_stream.config import load_config
-    from cafi_stream.pipeline import Models
-
-    if not models:
-        models.append(Models.load(load_config(overrides=eval_real.base_config())))
-    return models[0]
-
-
 def _scored(work: Path, name: str, build, models: list) -> tuple[list[dict], dict]:
     """The scored rows and ground truth of fit video `name`, built and run through the real pipeline
     (`--exhaustive --scores-out`) once; later calls read them back."""
+    from cafi_stream.config import load_config
+    from cafi_stream.pipeline import Models
+
     scores, truth_path = work / f"{name}.scores.jsonl", work / f"{name}.truth.json"
     if not scores.exists():
         video, truth = build()
         truth_path.write_text(json.dumps(truth))
-        eval_real.run_once(video, work, name, eval_real.base_config(), _loaded(models))
+        if not models:
+            models.append(Models.load(load_config(overrides=eval_real.base_config())))
+        eval_real.run_once(video, work, name, eval_real.base_config(), models[0])
     return [json.loads(line) for line in scores.read_text().splitlines()], json.loads(truth_path.read_text())
-
-
-def _embeddings(work: Path, name: str, models: list) -> dict[tuple[int, int], np.ndarray]:
-    """(frame index, track id) -> embedding of every face of fit video `name` (after `_scored`): one more run of
-    the same front end that keeps every face, read back once and cached."""
-    cache = work / f"{name}.embeddings.npz"
-    if not cache.exists():
-        every = eval_real.merged(eval_real.base_config(), {"rank": {"method": "random"},
-                                                            "output": {"topk": 10 ** 6, "min_gap": 0.0}})
-        kept, _, _ = eval_real.run_once(work / f"{name}.mp4", work, f"{name}.every", every, _loaded(models))
-        np.savez(cache, frame=[r.frame_index for r in kept], track=[r.track_id for r in kept],
-                 emb=np.stack([r.embedding for r in kept]))
-    z = np.load(cache)
-    return {(int(f), int(t)): e for f, t, e in zip(z["frame"], z["track"], z["emb"])}
 
 
 def _track(rows: list[dict], gt: list[dict], family: str) -> dict:
     kinds = [g["kind"] if family == "real" or g["kind"] == "clean" else f"{family}:{g['kind']}" for g in gt]
     return {"x": np.stack([row_signals(r) for r in rows]), "clean": np.array([k == "clean" for k in kinds]),
-            "kind": kinds, "identity": f"{family}:{gt[0]['identity']}", "family": family,
-            "second": np.array([int(r["pts_time"]) for r in rows])}
-
-
-def utility_targets(tracks: list[dict], embeddings: list[np.ndarray | None]) -> None:
-    """Adds "target" to tracks of one video: per clean face with an embedding, its cosine to the mean embedding
-    of its person's clean faces in the other seconds of the video (NaN for the rest)."""
-    by_person = defaultdict(list)
-    for t, e in zip(tracks, embeddings):
-        by_person[t["identity"]].append((t, e))
-    for members in by_person.values():
-        sums: dict[int, np.ndarray] = defaultdict(float)   # per second, the sum of the person's clean embeddings
-        for t, e in members:
-            for sec, row, ok in zip(t["second"], e, t["clean"] & np.isfinite(e).all(1)):
-                if ok:
-                    sums[sec] = sums[sec] + row
-        total = sum(sums.values())
-        for t, e in members:
-            target = np.full(len(e), np.nan)
-            for i, (sec, ok) in enumerate(zip(t["second"], t["clean"] & np.isfinite(e).all(1))):
-                other = total - sums[sec]
-                if ok and np.linalg.norm(other) > 0:
-                    target[i] = float(e[i] @ other) / float(np.linalg.norm(other))
-            t["target"] = target
+            "kind": kinds, "identity": f"{family}:{gt[0]['identity']}", "family": family}
 
 
 def collect(work: Path) -> list[dict]:
@@ -156,12 +102,7 @@ def collect(work: Path) -> list[dict]:
         by_track = defaultdict(list)
         for r in rows:
             by_track[r["track_id"]].append(r)
-        video_tracks = [_track(t, [truth["frames"][r["frame_index"]] for r in t], "real") for t in by_track.values()]
-        emb = _embeddings(work, f"fit{seed}", models)
-        missing = np.full(len(next(iter(emb.values()))), np.nan)
-        utility_targets(video_tracks, [np.stack([emb.get((r["frame_index"], r["track_id"]), missing) for r in t])
-                                       for t in by_track.values()])
-        tracks += video_tracks
+        tracks += [_track(t, [truth["frames"][r["frame_index"]] for r in t], "real") for t in by_track.values()]
     for seed in CARD_SEEDS:
         rows, truth = _scored(work, f"cards{seed}", lambda: eval_selection.build_video(
             work, CARD_SEGMENTS, 5.0, seed, CARD_PHOTOS, f"cards{seed}"), models)
@@ -200,24 +141,9 @@ def features(m: FusionModel, t: dict, use: np.ndarray) -> np.ndarray:
     return np.where(use, m.group_features(t["x"]), 0.0)
 
 
-def utility_pairs(t: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (better, worse) of a track's clean faces whose utility targets differ by more than UTILITY_GAP
-    (at most UTILITY_PAIRS, a fixed draw)."""
-    target = t.get("target")
-    if target is None:
-        return np.zeros(0, int), np.zeros(0, int)
-    ok = np.flatnonzero(np.isfinite(target))
-    a, b = np.meshgrid(ok, ok, indexing="ij")
-    keep = target[a] - target[b] > UTILITY_GAP
-    a, b = a[keep], b[keep]
-    if len(a) > UTILITY_PAIRS:
-        pick = np.random.default_rng(len(a)).choice(len(a), UTILITY_PAIRS, replace=False)
-        a, b = a[pick], b[pick]
-    return a, b
-
-
-def fit(tracks: list[dict], m: FusionModel, use: np.ndarray, utility: float = 0.0, steps: int = 400) -> FusionModel:
+def fit(tracks: list[dict], m: FusionModel, use: np.ndarray, steps: int = 400) -> FusionModel:
     diffs, weights = [], []
+    families = {t["family"] for t in tracks}
     for t in tracks:
         f = features(m, t, use)
         kinds = np.array(t["kind"])
@@ -227,18 +153,12 @@ def fit(tracks: list[dict], m: FusionModel, use: np.ndarray, utility: float = 0.
             if len(c):
                 diffs.append((c[:, None, :] - d[None, :, :]).reshape(-1, f.shape[1]))
                 weights.append((t["family"], np.full(len(diffs[-1]), 1.0 / len(diffs[-1]))))
-        a, b = utility_pairs(t)
-        if utility and len(a):
-            diffs.append(f[a] - f[b])
-            weights.append(("utility", np.full(len(a), 1.0 / len(a))))
-    # Each data family (real video, cards) weighs the same, whatever its number of tracks and kinds; the utility
-    # pairs weigh `utility` against each of them.
+    # Each data family (real video, cards) weighs the same, whatever its number of tracks and kinds.
     totals = defaultdict(float)
     for family, w in weights:
         totals[family] += w.sum()
-    share = {family: utility if family == "utility" else 1.0 for family in totals}
     d = np.concatenate(diffs)
-    pw = np.concatenate([w * share[family] / (totals[family] * sum(share.values())) for family, w in weights])
+    pw = np.concatenate([w / (totals[family] * len(families)) for family, w in weights])
     lo = np.array([m.floor.get(n, 0.0) if use[i] else 0.0 for i, n in enumerate(NAMES)])
     cap = np.where(use, CAP, 0.0)
     best = (np.inf, None)
@@ -267,42 +187,22 @@ def kind_auc(tracks: list[dict], m: FusionModel, use: np.ndarray) -> dict[str, f
     return {k: round(float(np.mean(v)), 4) for k, v in sorted(wins.items())}
 
 
-def utility_order(tracks: list[dict], m: FusionModel, use: np.ndarray) -> float:
-    """The share of utility pairs (`utility_pairs`) that the scores order right, averaged over the tracks."""
-    right = []
-    for t in tracks:
-        a, b = utility_pairs(t)
-        if len(a):
-            s = features(m, t, use) @ m.weights
-            right.append(float((s[a] > s[b]).mean()))
-    return round(float(np.mean(right)), 4) if right else float("nan")
-
-
-def choose(tracks: list[dict], use: np.ndarray) -> tuple[tuple[float, float, float], dict]:
-    """(tau, SER-FIQ floor, utility weight) by held-out fit people, FOLDS groups in turn: of the settings whose
-    worst-kind AUC is within AUC_SLACK of the best, the one that orders the utility pairs best."""
+def choose(tracks: list[dict], use: np.ndarray) -> tuple[tuple[float, float], dict]:
+    """(tau, SER-FIQ floor) with the best worst-kind AUC over people held out, FOLDS groups in turn."""
     people = sorted({t["identity"] for t in tracks})
     cv = {}
     for tau in TAUS:
         for floor in SERFIQ_FLOORS:
-            for lam in LAMBDAS:
-                per_kind: dict[str, list[float]] = defaultdict(list)
-                order = []
-                for fold in range(FOLDS):
-                    out = set(people[fold::FOLDS])
-                    train = [t for t in tracks if t["identity"] not in out]
-                    held = [t for t in tracks if t["identity"] in out]
-                    fitted = fit(train, model(train, tau, floor), use, lam)
-                    for k, v in kind_auc(held, fitted, use).items():
-                        per_kind[k].append(v)
-                    order.append(utility_order(held, fitted, use))
-                auc = {k: round(float(np.mean(v)), 4) for k, v in per_kind.items()}
-                cv[f"tau {tau}, serfiq floor {floor}, utility {lam}"] = (
-                    (tau, floor, lam), {**auc, "worst kind": min(auc.values()),
-                                        "utility order": round(float(np.nanmean(order)), 4)})
-    best_worst = max(c[1]["worst kind"] for c in cv.values())
-    best = max((c for c in cv.values() if c[1]["worst kind"] >= best_worst - AUC_SLACK),
-               key=lambda c: c[1]["utility order"])[0]
+            per_kind: dict[str, list[float]] = defaultdict(list)
+            for fold in range(FOLDS):
+                out = set(people[fold::FOLDS])
+                train = [t for t in tracks if t["identity"] not in out]
+                for k, v in kind_auc([t for t in tracks if t["identity"] in out],
+                                     fit(train, model(train, tau, floor), use), use).items():
+                    per_kind[k].append(v)
+            cv[f"tau {tau}, serfiq floor {floor}"] = ((tau, floor),
+                                                      {k: round(float(np.mean(v)), 4) for k, v in per_kind.items()})
+    best = max(cv.values(), key=lambda c: min(c[1].values()))[0]
     return best, {name: c[1] for name, c in cv.items()}
 
 
@@ -313,21 +213,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tracks = collect(Path(args.work))
     every = np.ones(len(NAMES), bool)
-    (tau, floor, lam), cv = choose(tracks, every)
+    (tau, floor), cv = choose(tracks, every)
     m = model(tracks, tau, floor)
-    out = {"version": VERSION, "cap": CAP, "floor": m.floor, "tau": tau, "utility_weight": lam,
+    out = {"version": VERSION, "cap": CAP, "floor": m.floor, "tau": tau,
            "thresholds": {n: [round(float(a), 4), round(float(b), 4)] for n, (a, b) in zip(NAMES, m.thresholds)
                           if np.isfinite(a)},
            "fitted_on": {"clips": [c.name for c in eval_real.clips("fit")], "seeds": list(SEEDS),
                          "cards": {"photos": "real/faces", "seeds": list(CARD_SEEDS), "shots": CARD_SEGMENTS},
                          "front_end": front_end(),
                          "tracks": len(tracks), "faces": int(sum(len(t["x"]) for t in tracks))},
-           "held_out_people": cv}
+           "held_out_people_auc": cv}
     for name, use in (("with_iqa", every), ("without_iqa", np.array([n != "iqa" for n in NAMES]))):
-        fitted = fit(tracks, m, use, lam)
+        fitted = fit(tracks, m, use)
         out[name] = {n: round(float(v), 4) for n, v, u in zip(NAMES, fitted.weights, use) if u}
         out[f"{name}_fit_auc_by_kind"] = kind_auc(tracks, fitted, use)
-        out[f"{name}_fit_utility_order"] = utility_order(tracks, fitted, use)
     text = json.dumps(out, indent=1)
     print(text)
     if args.write:

@@ -93,6 +93,8 @@ class SerfiqConfig:
 class RankConfig:
     method: str = option("--ranker", "how faces are ranked (cafi is the product; the others are baselines)")
     fusion: str = option("--fusion", "how cafi combines its signals")
+    max_drop: float = option("--max-drop", "learned fusion: a face scored more than this under its track's best "
+                             "is not kept, even if the top-k has room (0: off)")
 
 
 @dataclass
@@ -279,7 +281,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("serfiq", "passes"): (2, 10000), ("serfiq", "dropout"): (1e-6, 1 - 1e-6), ("serfiq", "track_quantile"): (0, 0.999),
     ("serfiq", "batch"): (1, None),
     ("diversity", "max_similarity"): (-1, 1), ("diversity", "frontal_yaw"): (0, None),
-    ("identity", "threshold"): (-1, 1),
+    ("identity", "threshold"): (-1, 1), ("rank", "max_drop"): (0, None),
     ("iqa", "batch"): (1, None),
     ("cascade", "min_det_score"): (0, 1), ("cascade", "max_yaw"): (0, None), ("cascade", "min_sharpness"): (0, None),
     ("cascade", "sample_interval"): (0, None), ("cascade", "serfiq_window"): (0, None),

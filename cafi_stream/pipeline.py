@@ -144,7 +144,8 @@ def build_selector(cfg: Config, serfiq_min: float, with_iqa: bool) -> Selector:
     fusion = ranking_fusion(cfg.rank, with_iqa)
     model = FusionModel.load(iqa=with_iqa) if fusion == "learned" else None
     return Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor, fusion=fusion,
-                    max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins, model=model)
+                    max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins, model=model,
+                    max_drop=cfg.rank.max_drop)
 
 
 class Snapshots:

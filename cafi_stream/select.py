@@ -212,7 +212,8 @@ class Selector:
     applies)."""
 
     def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3, fusion: str = "filter",
-                 max_similarity: float = 1.0, pose_bins: bool = False, model: FusionModel | None = None):
+                 max_similarity: float = 1.0, pose_bins: bool = False, model: FusionModel | None = None,
+                 max_drop: float = 0.0):
         if fusion == "learned" and model is None:
             raise ValueError("the learned fusion needs its model")
         self.topk = topk
@@ -221,6 +222,7 @@ class Selector:
         self.model = model
         self.max_similarity = max_similarity   # cosine between the embeddings of two kept faces (1: off)
         self.pose_bins = pose_bins             # keep the best face of each pose bin first
+        self.max_drop = max_drop if fusion == "learned" else 0.0   # the other fusions' scores have no common unit
         self.rule = rule if fusion == "filter" else SerfiqRule(quantile=0.0, min_score=rule.min_score)
         self.capacity = topk * pool_factor
         self.pools: dict[int, TrackPool] = {}
@@ -318,6 +320,9 @@ class Selector:
         faces = [f for f in rescored if f.serfiq >= threshold]
         if not faces and fallback is not None:
             faces = [f for f in fallback.faces if f.serfiq >= threshold]
+        if self.max_drop and faces:
+            best = max(f.score for f in faces)
+            faces = [f for f in faces if f.score >= best - self.max_drop]
         return [KeptFace(face, rank) for rank, face in enumerate(self._diverse(faces), 1)]
 
     def _fits(self, face: ScoredFace, kept: list[ScoredFace]) -> bool:

@@ -196,6 +196,12 @@ def clean_share(frames: list[int], truth: dict) -> float | None:
     return round(sum(truth["frames"][i]["kind"] == "clean" for i in frames) / len(frames), 3)
 
 
+def kept_count(frames: list[int], truth: dict) -> dict:
+    """How many faces were kept per track, and how many of them clean: a ranker that keeps fewer faces can have a
+    higher clean share without keeping more clean faces."""
+    return {"kept": len(frames), "clean_kept": sum(truth["frames"][i]["kind"] == "clean" for i in frames)}
+
+
 def top_by(rows: list[dict], key, group) -> list[dict]:
     """Per group (track or identity), the top-k rows by `key` (higher first), MIN_GAP seconds apart, chosen the
     way the pipeline chooses (select.pick_diverse): every signal and baseline is judged by the same rule."""
@@ -274,7 +280,8 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict) -> dict:
                else (lambda r: r["quality"] if r["quality"] is not None else -math.inf))
         table[name] = {"kind": "ranker (pipeline run)",
                        "clean_per_track": clean_share([r.frame_index for r in kept], truth),
-                       "clean_per_identity": clean_share([r.frame_index for r in kept_id], truth), "kept": len(kept),
+                       "clean_per_identity": clean_share([r.frame_index for r in kept_id], truth),
+                       **kept_count([r.frame_index for r in kept], truth),
                        # over the faces the ranker scored (with the cascade, those that got an IQA call)
                        "auc_by_kind": auc_by_kind([r for r in scored if key(r) > -math.inf], truth, key),
                        "seconds": round(time.perf_counter() - t0, 1)}
@@ -288,8 +295,9 @@ def evaluate(video: Path, truth: dict, out_dir: Path, rankers: dict) -> dict:
     keys["random (same faces)"] = lambda r: float(rng.random())
     keys["oracle"] = lambda r: (truth["frames"][r["frame_index"]]["kind"] == "clean") + 0.01 * r["serfiq"]
     for name, key in keys.items():
+        frames = [r["frame_index"] for r in top_by(rows, key, track)]
         table[name] = {"kind": "single signal (same run's faces)" if name.startswith("signal:") else "reference",
-                       "clean_per_track": clean_share([r["frame_index"] for r in top_by(rows, key, track)], truth),
+                       "clean_per_track": clean_share(frames, truth), **kept_count(frames, truth),
                        "clean_per_identity": clean_share([r["frame_index"] for r in top_by(rows, key, person)],
                                                          truth),
                        "auc_by_kind": auc_by_kind(rows, truth, key)}
@@ -332,17 +340,18 @@ def utility(out_dir: Path, topk: int = 5) -> dict:
 
 def readme_table(result: dict) -> str:
     kinds = degrade.CAMERA_KINDS
-    lines = ["| ranker or signal | clean share per track | per identity | " + " | ".join(kinds) + " |",
-             "|---|---|---|" + "---|" * len(kinds)]
+    lines = ["| ranker or signal | clean share per track | per identity | faces kept per track (clean) | "
+             + " | ".join(kinds) + " |", "|---|---|---|---|" + "---|" * len(kinds)]
     for name, r in result["table"].items():
         auc = r["auc_by_kind"]
         lines.append(f"| `{name}` | {r['clean_per_track']} | {r['clean_per_identity']} | "
+                     f"{r['kept']} ({r['clean_kept']}) | "
                      + " | ".join(str(auc.get(k, "")) for k in kinds) + " |")
     v, c, u = result["video"], result["cuts"], result["utility"]
     lines += ["", f"{v.get('people', 'report').capitalize()} clips only ({len(v['clips'])} clips, {v['frames']} "
                   f"frames, {v['clean_share']:.0%} clean, "
                   f"top-{TOPK}, min gap {MIN_GAP} s, IQA: PIQE, detector "
-                  f"{result['detect']['model']}, landmarks {result['detect']['landmarks']}). Columns after the clean shares: within-person AUC "
+                  f"{result['detect']['model']}, landmarks {result['detect']['landmarks']}). Columns after the faces kept: within-person AUC "
                   "per degradation kind.",
               (f"Shot cuts: {c['true_cuts']} true, {c['missed']} missed, {c['false']} false "
                f"({c['false_per_minute']} per minute)." if c is not None else "Shot cuts: not measured (no exhaustive "

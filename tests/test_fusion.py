@@ -2,7 +2,9 @@
 on it keeps cleaner faces than random choice, also when its IQA signal is broken."""
 
 import json
+import math
 import sys
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -79,7 +81,9 @@ def small_run(tmp_path_factory):
     base = eval_real.merged(eval_real.base_config(), {"iqa": {"name": "none"}})
     models = Models.load(load_config(overrides=base))
     runs = {name: eval_real.run_once(work / "video.mp4", work, name, eval_real.merged(base, over), models)
-            for name, over in (("cafi", {}), ("random", {"rank": {"method": "random"}}))}
+            for name, over in (("cafi", {}), ("random", {"rank": {"method": "random"}}),
+                               ("top-5", {"output": {"topk": 5}}),
+                               ("top-5, no max_drop", {"output": {"topk": 5}, "rank": {"max_drop": 0.0}}))}
     models.close()
     return truth, runs, work
 
@@ -96,6 +100,22 @@ def test_fusion_beats_random_on_unseen_people(small_run):
     assert np.mean(list(aucs.values())) > 0.85, aucs
     # every scored face's row explains its rank with the same score the selector used
     assert all(r["score"] is not None for r in cafi_scored)
+
+
+def test_a_track_keeps_no_face_far_under_its_best(small_run):
+    """`rank.max_drop`: a track keeps no face whose fused score is far under its best, even when its top-k has
+    room (five places a track here, for about three clean seconds). On these clips that leaves degraded faces out,
+    not clean ones."""
+    truth, runs, _ = small_run
+    kept = {name: [r.frame_index for r in runs[name][0]] for name in ("top-5", "top-5, no max_drop")}
+    clean = {name: sum(truth["frames"][i]["kind"] == "clean" for i in f) for name, f in kept.items()}
+    degraded = {name: len(f) - clean[name] for name, f in kept.items()}
+    assert degraded["top-5"] < degraded["top-5, no max_drop"] and clean["top-5"] >= clean["top-5, no max_drop"], \
+        (clean, degraded)
+    best = defaultdict(lambda: -math.inf)
+    for r in runs["top-5"][0]:
+        best[r.track_id] = max(best[r.track_id], r.score)
+    assert all(r.score >= best[r.track_id] - load_config().rank.max_drop for r in runs["top-5"][0])
 
 
 def test_a_broken_signal_does_not_decide(small_run):

@@ -209,7 +209,7 @@ class Selector:
     """`fusion` "learned": rank by `model` (fusion.FusionModel) over SER-FIQ, IQA and the capture measures.
     "filter": SER-FIQ rule, then rank by quality. "zsum" / "zmin": rank by the sum / the smaller of the per-track
     z-scores of SER-FIQ and quality. Only "filter" drops faces by the track's rule (`rule.min_score` always
-    applies)."""
+    applies); with "learned", a face scored more than `max_drop` under its track's best is not kept."""
 
     def __init__(self, topk: int, min_gap: float, rule: SerfiqRule, pool_factor: int = 3, fusion: str = "filter",
                  max_similarity: float = 1.0, pose_bins: bool = False, model: FusionModel | None = None,

@@ -197,8 +197,8 @@ def clean_share(frames: list[int], truth: dict) -> float | None:
 
 
 def kept_count(frames: list[int], truth: dict) -> dict:
-    """How many faces were kept per track, and how many of them clean: a ranker that keeps fewer faces can have a
-    higher clean share without keeping more clean faces."""
+    """How many faces the tracks' top-k kept in all, and how many of them are clean: a ranker that keeps fewer faces
+    can have a higher clean share without keeping more clean faces."""
     return {"kept": len(frames), "clean_kept": sum(truth["frames"][i]["kind"] == "clean" for i in frames)}
 
 
@@ -340,7 +340,7 @@ def utility(out_dir: Path, topk: int = 5) -> dict:
 
 def readme_table(result: dict) -> str:
     kinds = degrade.CAMERA_KINDS
-    lines = ["| ranker or signal | clean share per track | per identity | faces kept per track (clean) | "
+    lines = ["| ranker or signal | clean share per track | per identity | faces kept (clean) | "
              + " | ".join(kinds) + " |", "|---|---|---|---|" + "---|" * len(kinds)]
     for name, r in result["table"].items():
         auc = r["auc_by_kind"]

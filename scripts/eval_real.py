@@ -189,17 +189,16 @@ def run_once(video: Path, out_dir: Path, name: str, overrides: dict, models) -> 
 
 # -- measures of what was kept
 
-def clean_share(frames: list[int], truth: dict) -> float | None:
-    """The share of clean faces among the faces of these frames."""
-    if not frames:
-        return None
-    return round(sum(truth["frames"][i]["kind"] == "clean" for i in frames) / len(frames), 3)
-
-
 def kept_count(frames: list[int], truth: dict) -> dict:
     """How many faces the tracks' top-k kept in all, and how many of them are clean: a ranker that keeps fewer faces
     can have a higher clean share without keeping more clean faces."""
     return {"kept": len(frames), "clean_kept": sum(truth["frames"][i]["kind"] == "clean" for i in frames)}
+
+
+def clean_share(frames: list[int], truth: dict) -> float | None:
+    """The share of clean faces among the faces of these frames."""
+    count = kept_count(frames, truth)
+    return round(count["clean_kept"] / count["kept"], 3) if frames else None
 
 
 def top_by(rows: list[dict], key, group) -> list[dict]:

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from .align import crop_face
+from .batching import JoinedEngine
 from .cascade import in_profile, yaw_ratio
 from .config import Config, DetectConfig
 from .decode import VideoFrame
@@ -65,6 +66,18 @@ class FaceAnalysis:
         """The same detector and landmarks (shared, not copied), reading frames at the scale for `min_face`."""
         other = copy.copy(self)
         other.face_scale = _face_scale(self.face_px, min_face)
+        return other
+
+    def joined(self, max_batch: int) -> "FaceAnalysis":
+        """The same, for many threads at once (`serve`'s cameras): the detector's calls that arrive while it is busy
+        are joined into one (`batching.JoinedEngine`: frames of one size, or crops of one size). Detectors that
+        run on OpenCV or mediapipe are shared as they are."""
+        engine = getattr(self.detector, "engine", None)
+        if engine is None:
+            return self
+        other = copy.copy(self)
+        other.detector = copy.copy(self.detector)
+        other.detector.engine = JoinedEngine(engine, max_batch)
         return other
 
     @classmethod

@@ -53,17 +53,35 @@ class MicroBatcher(Generic[T, R]):
 
 
 def take_rows(result, a: int, b: int):
-    """Rows a:b of an engine's result: an array, or a frozen dataclass of arrays (serfiq.SerFiqResult)."""
+    """Rows a:b of an engine's result: an array, a list of arrays (`run`'s outputs), or a frozen dataclass of arrays
+    (serfiq.SerFiqResult)."""
     if isinstance(result, np.ndarray):
         return result[a:b]
+    if isinstance(result, (list, tuple)):
+        return type(result)(take_rows(r, a, b) for r in result)
     return dataclasses.replace(result, **{f.name: getattr(result, f.name)[a:b] for f in dataclasses.fields(result)})
+
+
+@dataclasses.dataclass
+class _Call:
+    method: str          # "__call__" or "run"
+    x: np.ndarray
+    done: threading.Event
+    result: object = None
+    error: BaseException | None = None
+
+    @property
+    def key(self) -> tuple:
+        """Calls with the same key can be one: the same method on rows of one shape."""
+        return self.method, self.x.shape[1:], self.x.dtype
 
 
 class JoinedEngine:
     """One engine shared by many threads (`serve`'s cameras): the calls that arrive while the engine is busy are
-    joined into its next call (up to `max_batch` rows), and each caller gets its own rows back. Nothing waits for
-    company: an idle engine runs a call at once, so joining adds no latency, and batches grow with the load.
-    Other attributes are the engine's."""
+    joined into its next call (up to `max_batch` rows) where they have the same method and row shape (scoring
+    engines' faces; a detector's frames of one size, or its crops around tracked faces), and each caller gets its
+    own rows back. Nothing waits for company: an idle engine runs a call at once, so joining adds no latency, and
+    batches grow with the load. Other attributes are the engine's."""
 
     def __init__(self, engine, max_batch: int):
         self._inner, self._max_batch = engine, max(1, max_batch)
@@ -75,33 +93,53 @@ class JoinedEngine:
         return getattr(self._inner, name)
 
     def __call__(self, x: np.ndarray):
+        return self._submit("__call__", x)
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """The engine's `run` (every output), joined like a call."""
+        return self._submit("run", x)
+
+    def _submit(self, method: str, x: np.ndarray):
         if len(x) == 0:
-            return self._inner(x)
-        done, box = threading.Event(), {}
-        self._queue.put((x, done, box))
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
+            return getattr(self._inner, method)(x)
+        call = _Call(method, x, threading.Event())
+        self._queue.put(call)
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     def _loop(self) -> None:
+        waiting: list[_Call] = []   # arrived, not run yet: in arrival order
         while True:
-            pending = [self._queue.get()]
-            while sum(len(p[0]) for p in pending) < self._max_batch:
+            if not waiting:
+                waiting.append(self._queue.get())
+            while True:
                 try:
-                    pending.append(self._queue.get_nowait())
+                    waiting.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                result = self._inner(np.concatenate([p[0] for p in pending]))
-                self.joined_calls += 1
-                self.joined_rows += sum(len(p[0]) for p in pending)
-                at = 0
-                for x, _, box in pending:
-                    box["result"] = take_rows(result, at, at + len(x))
-                    at += len(x)
-            except Exception as e:   # every caller of this call sees the engine's error
-                for _, _, box in pending:
-                    box["error"] = e
-            for _, done, _ in pending:
-                done.set()
+            batch, rows, rest = [], 0, []
+            for call in waiting:   # the oldest call, and the later ones that fit with it
+                if not batch or (call.key == batch[0].key and rows + len(call.x) <= self._max_batch):
+                    batch.append(call)
+                    rows += len(call.x)
+                else:
+                    rest.append(call)
+            waiting = rest
+            self._run(batch, rows)
+
+    def _run(self, batch: list[_Call], rows: int) -> None:
+        try:
+            result = getattr(self._inner, batch[0].method)(np.concatenate([c.x for c in batch]))
+            self.joined_calls += 1
+            self.joined_rows += rows
+            at = 0
+            for call in batch:
+                call.result = take_rows(result, at, at + len(call.x))
+                at += len(call.x)
+        except Exception as e:   # every caller of this call sees the engine's error
+            for call in batch:
+                call.error = e
+        for call in batch:
+            call.done.set()

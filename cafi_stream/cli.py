@@ -273,7 +273,8 @@ def serve_main(argv: list[str]) -> int:
             if web is not None:
                 web.stop()
         return {"out_dir": str(service.root), "cameras": {c["name"]: {k: c[k] for k in ("state", "tracks_written")}
-                                                           for c in service.describe()}}
+                                                           for c in service.describe()},
+                "engines": service.engine_counts()}
 
     def on_signal(signum, _frame):
         if stop.is_set() and signum == signal.SIGINT:

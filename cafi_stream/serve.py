@@ -257,10 +257,12 @@ class Service:
             check_output_file(jsonl, "--events")
         sinks = tuple(s for s in (WebhookSink(webhook) if webhook else None, MqttSink(mqtt) if mqtt else None) if s)
         models = Models.load(self.cfg)
-        # Faces of every camera that wait while an engine is busy go into its next call together.
+        # Faces (and the detector's frames and crops) of every camera that wait while an engine is busy go into its
+        # next call together.
         batch = self.cfg.runtime.max_batch
         self.models = dataclasses.replace(models, serfiq=JoinedEngine(models.serfiq, batch),
-                                          iqa=JoinedEngine(models.iqa, batch) if models.iqa is not None else None)
+                                          iqa=JoinedEngine(models.iqa, batch) if models.iqa is not None else None,
+                                          faces=models.faces.joined(batch))
         self.out.claim(serve=True)   # locked: one service per folder
         self.root = self.out.root
         self.publisher = Publisher(self.root, jsonl, sinks, with_images)
@@ -313,6 +315,14 @@ class Service:
         self.publisher.close(grace)
         self.models.close()
         self.out.release()
+
+    def engine_counts(self) -> dict[str, dict[str, int]]:
+        """Per shared engine (SER-FIQ, IQA, the detector): the calls it made and the rows (faces; the detector's
+        frames and crops) they held, from every camera."""
+        engines = {"serfiq": self.models.serfiq, "iqa": self.models.iqa,
+                   "detector": getattr(self.models.faces.detector, "engine", None)}
+        return {name: {"calls": e.joined_calls, "rows": e.joined_rows} for name, e in engines.items()
+                if isinstance(e, JoinedEngine)}
 
     def describe(self) -> list[dict]:
         return [{**cam.spec.shown, "state": cam.state, "error": cam.error, "session": cam.session,

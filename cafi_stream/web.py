@@ -76,12 +76,12 @@ class Metrics:
                      lambda c: pub.failed.get(c.spec.name))
         yield family(GaugeMetricFamily, "cafi_events_spooled", "events waiting in the spool",
                      lambda c: spooled.get(c.spec.name))
-        for kind, doc in (("calls", "engine calls"), ("rows", "faces those calls held, from every camera")):
+        engines = self.service.engine_counts()
+        for kind, doc in (("calls", "engine calls"),
+                          ("rows", "faces (detector: frames and crops) those calls held, from every camera")):
             f = CounterMetricFamily(f"cafi_engine_{kind}", doc, labels=["engine"])
-            for name in ("serfiq", "iqa"):
-                engine = getattr(self.service.models, name)
-                if engine is not None:
-                    f.add_metric([name], float(getattr(engine, f"joined_{kind}")))
+            for name, counts in engines.items():
+                f.add_metric([name], float(counts[kind]))
             yield f
         hist = HistogramMetricFamily("cafi_frame_to_event_seconds",
                                      "from the frame a track was last seen in to its event", labels=["camera"])

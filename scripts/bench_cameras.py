@@ -140,8 +140,9 @@ def run_serve(streams: list[Stream], seconds: float, restarts: int, run_args: li
     stdout, _ = proc.communicate(timeout=300)
     rss = sampler.stop(warmup)
     made = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
-    names = list(json.loads(stdout.strip().splitlines()[-1])["cameras"]) if stdout.strip() else []
-    return {"exit_code": proc.returncode, **rss, "cameras": {n: camera_figures(out, made, n, seconds) for n in names}}
+    final = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
+    return {"exit_code": proc.returncode, **rss, "engines": final.get("engines"),   # calls and the rows they joined
+            "cameras": {n: camera_figures(out, made, n, seconds) for n in final.get("cameras", {})}}
 
 
 def run_singles(streams: list[Stream], seconds: float, run_args: list[str], tmp: Path, warmup: float) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cafi_stream.cascade import yaw_ratio
+from cafi_stream.decode import VideoFrame
 from cafi_stream.detect import Detections
 from cafi_stream.landmarks import keypoint_landmarks
 from conftest import FR_MODEL, SHARED, VIDEO, face_analysis, read_rows, run_cli
@@ -84,6 +85,45 @@ def test_scrfd_backends_and_batches_agree(frames):
         ort_.close()
         if torch_ is not None:
             torch_.close()
+
+
+def test_a_shared_detector_joins_the_calls_of_many_threads(frames):
+    """serve's cameras share one detector: whole frames of two sizes (360p and 1080p) and crops around faces, from
+    8 threads at once, are joined into fewer calls of one shape each, and every thread gets what the detector alone
+    finds in its own frame."""
+    import threading
+
+    analysis = face_analysis(model="scrfd_2.5g")
+    try:
+        joined = analysis.joined(max_batch=16)
+        work = [(f, analysis(f)) for clip in frames for f in clip[:4]]
+        work = [(f, dets) for f, dets in work if len(dets)]
+        assert {f.shape for f, _ in work} == {(360, 640, 3), (1080, 1920, 3)}
+        start, found, crops = threading.Barrier(len(work)), {}, {}
+
+        def call(i, frame, dets):
+            start.wait()
+            found[i] = joined(frame)
+            crops[i] = joined.around(VideoFrame(0, 0.0, frame), dets.xyxy, min_iou=0.5)
+
+        threads = [threading.Thread(target=call, args=(i, *w)) for i, w in enumerate(work)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (frame, dets) in enumerate(work):
+            assert len(found[i]) == len(dets)
+            np.testing.assert_allclose(found[i].xyxy, dets.xyxy, atol=0.5)
+            alone = analysis.around(VideoFrame(0, 0.0, frame), dets.xyxy, min_iou=0.5)
+            for a, b in zip(crops[i], alone):
+                assert len(a) == len(b)
+                np.testing.assert_allclose(a.five, b.five, atol=0.5)
+        engine = joined.detector.engine
+        assert engine.joined_rows == sum(1 + len(dets) for _, dets in work)   # each frame, and a crop per face
+        assert engine.joined_calls < engine.joined_rows
+        assert analysis.detector.engine is not engine   # the detector as loaded is left as it was
+    finally:
+        analysis.close()
 
 
 def test_int8_detector_finds_what_the_float_one_finds(frames):

@@ -121,7 +121,7 @@ def test_two_cameras_one_process_events_metrics_api_and_webhook_across_a_restart
                  "cafi_frame_to_event_seconds"):
         assert {s.labels["camera"] for s in families[name].samples} == {"door", "hall"}, name
     engine = {s.labels["engine"]: s.value for s in families["cafi_engine_rows"].samples if s.name.endswith("_total")}
-    assert engine["serfiq"] > 0   # both cameras' faces went through the one shared SER-FIQ engine
+    assert engine["serfiq"] > 0 and engine["detector"] > 0   # both cameras' faces and frames: the shared engines
     spooled = {s.labels["camera"]: s.value for s in families["cafi_events_spooled"].samples}
     assert sum(spooled.values()) > 0   # the receiver is down: events wait
     cameras = json.loads(get(url + "/api/cameras", TOKEN)[1])["cameras"]

@@ -329,12 +329,37 @@ def utility(out_dir: Path, topk: int = 5) -> dict:
     runs = {"cafi": {}, "random": {"rank": {"method": "random"}},
             "every scored face": {"rank": {"method": "random"}, "output": {"topk": 100000, "min_gap": 0.0},
                                   "cascade": {"exhaustive": True}}}
+    every = (np.zeros(0), np.zeros(0))   # every scored face's cosine and time
     for name, overrides in runs.items():
         kept, _, _ = run_once(video, out_dir, "obama_" + name.replace(" ", "_"), merged(base, overrides), models)
         cos = [float(np.dot(r.embedding, template)) for r in kept]
         out[name] = {"faces": len(cos), "mean_genuine_cosine": round(float(np.mean(cos)), 4) if cos else None}
+        if name == "every scored face":
+            every = (np.array(cos), np.array([r.pts_time for r in kept]))
     models.close()
+    if len(every[0]) and out["cafi"]["faces"]:
+        out["chance"] = chance(*every, out["cafi"]["faces"], out["cafi"]["mean_genuine_cosine"])
     return out
+
+
+def chance(cos: np.ndarray, times: np.ndarray, k: int, kept_mean: float, draws: int = 4000) -> dict:
+    """The mean genuine cosine of `k` faces drawn at random from every scored face, MIN_GAP seconds apart as the
+    pipeline keeps them, `draws` times: its mean, standard deviation and 95% range, and the share of draws at or
+    under the kept faces' mean (how far from chance that is)."""
+    rng = np.random.default_rng(0)
+    means = []
+    for _ in range(draws):
+        chosen: list[int] = []
+        for i in rng.permutation(len(cos)):
+            if all(abs(times[i] - times[j]) >= MIN_GAP for j in chosen):
+                chosen.append(int(i))
+                if len(chosen) == k:
+                    break
+        means.append(float(cos[chosen].mean()))
+    m = np.array(means)
+    return {"draws": draws, "mean": round(float(m.mean()), 4), "std": round(float(m.std()), 4),
+            "range_95": [round(float(v), 4) for v in np.percentile(m, [2.5, 97.5])],
+            "share_at_or_under_kept": round(float((m <= kept_mean).mean()), 3)}
 
 
 def readme_table(result: dict) -> str:
@@ -358,7 +383,11 @@ def readme_table(result: dict) -> str:
               (f"Utility ({u['video']}, {u['photos']} Obama photos, top-{u['topk']}): mean genuine cosine of the "
                f"faces cafi keeps {u['cafi']['mean_genuine_cosine']}, random choice "
                f"{u['random']['mean_genuine_cosine']}, every scored face "
-               f"{u['every scored face']['mean_genuine_cosine']}." if u is not None else "Utility: not measured.")]
+               f"{u['every scored face']['mean_genuine_cosine']}"
+               + (f"; {u['chance']['draws']} random choices of as many faces from every scored face average "
+                  f"{u['chance']['mean']} (95% between {u['chance']['range_95'][0]} and {u['chance']['range_95'][1]}), "
+                  f"{u['chance']['share_at_or_under_kept']:.0%} of them at or under cafi's" if u.get("chance") else "")
+               + "." if u is not None else "Utility: not measured.")]
     return "\n".join(lines)
 
 

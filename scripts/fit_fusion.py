@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import eval_real  # noqa: E402
 from cafi_stream.fusion import ABSOLUTE, NAMES, PARAMS, FusionModel, row_signals  # noqa: E402
 
-SEEDS = (10, 11)
+SEEDS = (10, 11, 12, 13)   # 7: four draws of the fit clips' degradations (6: two)
 # Cards (scripts/eval_selection.py's synthetic degradations of face photos) of the 25 people of
 # ../shared/data/real/faces; eval_selection.py reports on the people of ../shared/data/faces, never seen here.
 CARD_SEEDS = (20,)
@@ -53,7 +53,8 @@ TAUS = (0.5, 1.0, 2.0)
 FOLDS = 5   # cross-validation folds of fit people
 SERFIQ_FLOORS = (0.1,)   # SER-FIQ's least weight, chosen with tau (0.2 was worse for every tau); IQA's is IQA_FLOOR
 IQA_FLOOR = 0.1
-VERSION = "6"   # 6: typicality (cosine to the track's mean embedding); 7-bit int8 SCRFD front end
+VERSION = "7"   # 7: fitted on four draws of the fit videos (SEEDS) instead of two
+# 6: typicality (cosine to the track's mean embedding); 7-bit int8 SCRFD front end
 # 5: absolute signals judged against the track's own level too; int8 SCRFD front end
 # 4: fitted on real video and cards of other people; phase-free blockiness; eye span
 

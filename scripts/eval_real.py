@@ -19,7 +19,8 @@ the oracle (clean faces first) in the same table:
 - the within-person AUC per degradation kind (the chance that a clean face outranks a degraded one);
 - false and missed shot cuts against the clip boundaries.
 Plus a utility check on lia_vox_obama.mov: the mean cosine between the kept faces and the shared Obama photos
-(ArcFace-family embeddings) against that of every scored face. Writes DIR/real.json.
+(ArcFace-family embeddings) against that of every scored face, and where it falls among random choices of as many
+faces (`chance`). Writes DIR/real.json.
 """
 
 from __future__ import annotations
@@ -380,15 +381,22 @@ def readme_table(result: dict) -> str:
               (f"Shot cuts: {c['true_cuts']} true, {c['missed']} missed, {c['false']} false "
                f"({c['false_per_minute']} per minute)." if c is not None else "Shot cuts: not measured (no exhaustive "
                                                                                "`cafi` run)."),
-              (f"Utility ({u['video']}, {u['photos']} Obama photos, top-{u['topk']}): mean genuine cosine of the "
-               f"faces cafi keeps {u['cafi']['mean_genuine_cosine']}, random choice "
-               f"{u['random']['mean_genuine_cosine']}, every scored face "
-               f"{u['every scored face']['mean_genuine_cosine']}"
-               + (f"; {u['chance']['draws']} random choices of as many faces from every scored face average "
-                  f"{u['chance']['mean']} (95% between {u['chance']['range_95'][0]} and {u['chance']['range_95'][1]}), "
-                  f"{u['chance']['share_at_or_under_kept']:.0%} of them at or under cafi's" if u.get("chance") else "")
-               + "." if u is not None else "Utility: not measured.")]
+              utility_line(u)]
     return "\n".join(lines)
+
+
+def utility_line(u: dict | None) -> str:
+    if u is None:
+        return "Utility: not measured."
+    line = (f"Utility ({u['video']}, {u['photos']} Obama photos, top-{u['topk']}): mean genuine cosine of the faces "
+            f"cafi keeps {u['cafi']['mean_genuine_cosine']}, random choice {u['random']['mean_genuine_cosine']}, "
+            f"every scored face {u['every scored face']['mean_genuine_cosine']}")
+    c = u.get("chance")
+    if c:
+        line += (f"; {c['draws']} random choices of as many faces from every scored face average {c['mean']} (95% "
+                 f"between {c['range_95'][0]} and {c['range_95'][1]}), {c['share_at_or_under_kept']:.0%} of them at "
+                 "or under cafi's")
+    return line + "."
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,9 @@ Every signal is oriented so that higher should be better, then turned into a fea
 - "absolute" signals (noise in 8-bit levels, JPEG blockiness: physical quantities that blur and light do not push
   past a clean face's level) become a penalty in [-3, 0] under a threshold that clean faces pass.
 The score is a weighted sum of the features, with weights that sum to 1, each at most `cap` (no signal decides
-alone, whichever IQA model is in use) and SER-FIQ and IQA each at least their `floor` (CAFI combines the two
-networks).
+alone, whichever IQA model is in use), SER-FIQ and IQA each at least their `floor` (CAFI combines the two
+networks), and typicality at least its own (among clean faces, the one that looks most like its person is the one a
+recognition dataset needs; the fit itself only learns clean against degraded).
 
 The weights, tau, cap, floor and thresholds live in fusion.json beside this module, versioned, written by
 scripts/fit_fusion.py from the fit clips only (that script says which people those are).
@@ -49,6 +50,8 @@ SIGNALS = (
     Signal("sharpness", lambda m: _log(m["sharpness"]), "log Laplacian variance of the aligned face"),
     Signal("detail", lambda m: _log(m["detail"]), "log Laplacian variance at a coarser scale (sigma 1 px)"),
     Signal("feature_detail", lambda m: _log(m["feature_detail"]), "log detail of the eyes and mouth (occlusion)"),
+    Signal("fine_detail", lambda m: _log(m["fine_detail"]), "log noise-corrected Laplacian variance of the central "
+           "face in source pixels (mild defocus)"),
     Signal("noise", lambda m: _log(m["noise"], -1.0), "minus log noise sigma (Immerkaer) of the inner face", True),
     Signal("luminance", lambda m: m["luminance_mean"], "mean luma of the inner face"),
     Signal("dynamic_range", lambda m: m["dynamic_range"], "1st-99th percentile luma range"),
@@ -137,7 +140,7 @@ class FusionModel:
     tau: float
     thresholds: np.ndarray       # per signal: (threshold, scale) of an absolute signal, NaN for relative ones
     cap: float
-    floor: dict[str, float]      # least weight of SER-FIQ and of IQA
+    floor: dict[str, float]      # least weight of SER-FIQ, of IQA and of typicality
 
     @classmethod
     def load(cls, path: Path = PARAMS, iqa: bool = True) -> "FusionModel":

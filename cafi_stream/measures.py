@@ -3,8 +3,9 @@ implementation is BSI's OFIQ). Each is cheap (well under 1 ms per face on one CP
 every scored face, written to `--scores-out` and to every kept face's row, and can be used as gates or signals.
 
 Photometric measures read the luma of the aligned 112x112 face (ArcFace geometry, so every face is measured on
-the same region); blockiness reads the source pixels, where a codec's 8x8 grid is; pose and eye/mouth opening
-read the landmarks.
+the same region); blockiness and fine detail read the source pixels, where a codec's 8x8 grid is and where mild
+defocus still shows (resampled to 112 pixels, a large face loses the finest scale that tells it); pose and eye/mouth
+opening read the landmarks.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class CaptureMeasures:
     sharpness: float            # variance of the Laplacian of the aligned face
     detail: float               # the same at a coarser scale (sigma 1 px): blur lowers it, noise hardly raises it
     feature_detail: float       # `detail` of the eyes and the mouth, the least of the three (an occluder flattens it)
+    fine_detail: float          # Laplacian variance of the central face in source pixels, less the noise's share
     noise: float                # Immerkær's noise sigma of the inner face, in 8-bit levels
     blockiness: float           # luma steps across the 8x8 grid / steps inside blocks (1: none)
     yaw: float                  # nose offset along the eye line, in eye distances (0: frontal)
@@ -121,20 +123,39 @@ def _grid_ratio(steps: np.ndarray) -> float:
     return float((per_phase[k] + 1.0) / (np.delete(per_phase, k).mean() + 1.0))
 
 
-def blockiness(frame: np.ndarray, box: np.ndarray, max_side: int = 128) -> float:
-    """Blocking of a block codec: the mean absolute luma step across an 8x8 grid over the step inside its blocks,
-    in the central part of the face box (at most `max_side` pixels a side, in source pixels, so that the grid
-    holds), mean of the horizontal and vertical ratios (1: none). The grid's phase is found, not assumed: a stream
-    cropped or a picture pasted after its encoding has its blocks off the frame's grid."""
+def source_patch(frame: np.ndarray, box: np.ndarray, share: float = 1.0, max_side: int = 128) -> np.ndarray | None:
+    """The luma of the central part of the face box in source pixels, `share` of the box's side and at most
+    `max_side` pixels a side (None when under 24 pixels)."""
     h, w = frame.shape[:2]
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    half = min((box[2] - box[0]) / 2, max_side / 2)
+    half = min(share * (box[2] - box[0]) / 2, max_side / 2)
     x0, y0 = max(0, int(cx - half)), max(0, int(cy - half))
     x1, y1 = min(w, int(cx + half)), min(h, int(cy + half))
     if x1 - x0 < 24 or y1 - y0 < 24:
+        return None
+    return luma(np.ascontiguousarray(frame[y0:y1, x0:x1]))
+
+
+def blockiness(patch: np.ndarray | None) -> float:
+    """Blocking of a block codec in a `source_patch` of the face (source pixels, so that the grid holds): the mean
+    absolute luma step across an 8x8 grid over the step inside its blocks, mean of the horizontal and vertical
+    ratios (1: none). The grid's phase is found, not assumed: a stream cropped or a picture pasted after its
+    encoding has its blocks off the frame's grid."""
+    if patch is None:
         return 1.0
-    y = luma(np.ascontiguousarray(frame[y0:y1, x0:x1])).astype(np.float32)
+    y = patch.astype(np.float32)
     return (_grid_ratio(np.abs(np.diff(y, axis=1))) + _grid_ratio(np.abs(np.diff(y, axis=0)).T)) / 2
+
+
+def fine_detail(patch: np.ndarray | None) -> float:
+    """Detail at the finest scale the camera gives: the variance of the 4-neighbour Laplacian of a `source_patch`
+    of the central face (eyes, nose, mouth), less the share that white noise of the measured `noise_sigma` adds to
+    it (the kernel's squared weights sum to 20). Mild defocus, which resampling to 112 pixels hides on a large face,
+    lowers it; sensor noise is taken out of it rather than read as detail. 0 without a patch."""
+    if patch is None:
+        return 0.0
+    lap = float(cv2.Laplacian(patch.astype(np.float32), cv2.CV_32F).var())
+    return max(0.0, lap - 20.0 * noise_sigma(patch) ** 2)
 
 
 def head_pose(five: np.ndarray) -> tuple[float, float, float, float]:
@@ -182,9 +203,10 @@ def measure(frame: np.ndarray, box: np.ndarray, aligned: np.ndarray, five: np.nd
     mean, std, under, over, dyn = exposure(inner)
     yaw, pitch, roll, span = head_pose(five)
     eyes, mouth = openness(mesh)
+    centre = source_patch(frame, box, share=0.6)
     return CaptureMeasures(
         luminance_mean=mean, luminance_std=std, under_exposure=under, over_exposure=over, dynamic_range=dyn,
         illumination_uniformity=uniformity(inner),
         sharpness=sharpness(aligned), detail=detail(smooth), feature_detail=feature_detail(smooth),
-        noise=noise_sigma(inner), blockiness=blockiness(frame, box), yaw=yaw, eye_span=span, pitch=pitch,
-        roll=roll, eyes_open=eyes, mouth_open=mouth)
+        fine_detail=fine_detail(centre), noise=noise_sigma(inner), blockiness=blockiness(source_patch(frame, box)),
+        yaw=yaw, eye_span=span, pitch=pitch, roll=roll, eyes_open=eyes, mouth_open=mouth)

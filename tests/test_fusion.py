@@ -25,6 +25,7 @@ def test_packaged_parameters_keep_their_bounds():
         assert (m.weights >= 0).all() and (m.weights <= m.cap + 1e-6).all()   # no signal decides alone
         assert m.weights[NAMES.index("serfiq")] >= m.floor["serfiq"] - 1e-6
         assert (m.weights[NAMES.index("iqa")] >= m.floor["iqa"] - 1e-6) == iqa
+        assert m.weights[NAMES.index("typicality")] >= m.floor.get("typicality", 0.0) - 1e-6
     # fitted on the fit clips only: none of the clips the evaluation reports on
     assert not set(p["fitted_on"]["clips"]) & {c.name for c in eval_real.clips("report")}
     # and on cards of other people than those of the card evaluation (scripts/eval_selection.py)

@@ -69,6 +69,8 @@ PHOTOMETRIC = {
     "feature_detail": (lambda img, box, level: degrade.camera(img, "occluder", level, None, box, place=(0.5, 0.45)),
                        -1),
     "blockiness": (_kind("jpeg"), +1),
+    # defocus discs of source pixels, whatever the face's size: what resampling to 112 pixels hides
+    "fine_detail": (lambda img, box, level: degrade.defocus(img, (1.0, 1.5, 2.5)[level - 1]), -1),
 }
 
 

@@ -14,7 +14,7 @@ import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -193,6 +193,53 @@ class Analysed:
 Found = tuple[int, Detections, int, bool]   # track id, a frame's detections, the face's index, found again around it
 
 
+class DetectAhead:
+    """Full-frame detection, with the next `ahead` detection frames (every `stride`-th) read in one detector call
+    (batched over frames, as a GPU runs them best) and the frames between held until then. A frame's faces depend
+    on that frame alone, so they are what a call per frame finds."""
+
+    def __init__(self, faces: FaceAnalysis, stride: int, ahead: int, timer):
+        self.faces, self.stride, self.ahead, self.timer = faces, stride, ahead, timer
+        self.found: dict[int, Detections] = {}   # frame index -> its faces, detected ahead
+
+    @property
+    def held(self) -> int:
+        """The most frames `frames` holds at once."""
+        return self.ahead * self.stride if self.ahead > 1 else 0
+
+    def frames(self, frames: Iterator[VideoFrame]) -> Iterator[VideoFrame]:
+        """`frames` as they come; with `ahead` > 1, in groups that end at every `ahead`-th detection frame, whose
+        detection frames are read in one call before the group is handed on."""
+        group: list[VideoFrame] = []
+        due = 0
+        for frame in frames:
+            group.append(frame)
+            due += not frame.index % self.stride
+            if self.ahead > 1 and due < self.ahead:
+                continue
+            self._detect(group)
+            yield from group
+            group, due = [], 0
+        self._detect(group)
+        yield from group
+
+    def _detect(self, group: list[VideoFrame]) -> None:
+        due = [f for f in group if not f.index % self.stride]
+        if len(due) < 2 or len({f.size for f in due}) > 1:   # one call per frame does as well
+            return
+        with self.timer("detect"):
+            self.found.update(zip((f.index for f in due), self.faces.detect(due)))
+
+    def take(self, frame: VideoFrame) -> Detections:
+        """`frame`'s faces: detected ahead, or now."""
+        dets = self.found.pop(frame.index, None)
+        if dets is None:
+            with self.timer("detect"):
+                dets = self.faces(frame)
+        return dets
+
+
+
 
 class Analyser:
     """The analysis stage: detect, track, gate, landmarks, crops and capture measures. Frames go in; frozen
@@ -203,9 +250,12 @@ class Analyser:
     latest box, at `detect.refine_px` (`FaceAnalysis.around`): faces are sampled as often as before for a fraction
     of the detector's time."""
 
-    def __init__(self, cfg: Config, faces: FaceAnalysis, fps: float, timer):
+    def __init__(self, cfg: Config, faces: FaceAnalysis, fps: float, timer, live: bool = False):
         self.cfg, self.faces, self.timer = cfg, faces, timer
         self.stride = 1 if cfg.cascade.exhaustive else detection_stride(fps, cfg.detect.rate)
+        # detect.ahead's 0: a batch where every frame is detected
+        self.full_frame = DetectAhead(faces, self.stride, cfg.detect.ahead or (
+            cfg.detect.batch if self.stride == 1 and not live else 1), timer)
         self.tracker = FaceTracker(cfg.track, fps)
         self.interval = 0.0 if cfg.cascade.exhaustive else cfg.cascade.sample_interval
         self.counts: dict[str, int] = defaultdict(int)
@@ -252,8 +302,7 @@ class Analyser:
     def _discover(self, frame: VideoFrame) -> tuple[list[Found], list[EndedTrack]]:
         """A full-frame detection and tracker update: the tracked faces (track, detections, index), and the
         tracks that ended."""
-        with self.timer("detect"):
-            dets = self.faces(frame)
+        dets = self.full_frame.take(frame)
         self.detect_passes += 1
         self.counts["faces_detected"] += len(dets)
         if len(dets):

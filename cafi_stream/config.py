@@ -51,6 +51,7 @@ class DetectConfig:
     face_px: int
     refine_px: int
     batch: int
+    ahead: int
     landmarks: str
     precision: str
 
@@ -273,8 +274,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("output", "jpeg_quality"): (1, 100),
     ("decode", "queue_size"): (1, None), ("decode", "threads"): (0, 256), ("decode", "max_frames"): (0, None),
     ("detect", "min_confidence"): (0, 1), ("detect", "rate"): (0, None),
-    ("detect", "size"): (64, 4096), ("detect", "batch"): (1, 256), ("detect", "min_size"): (0, 4096),
-    ("detect", "face_px"): (0, 1024), ("detect", "refine_px"): (0, 1024),
+    ("detect", "size"): (64, 4096), ("detect", "batch"): (1, 256), ("detect", "ahead"): (0, 256),
+    ("detect", "min_size"): (0, 4096), ("detect", "face_px"): (0, 1024), ("detect", "refine_px"): (0, 1024),
     ("track", "max_gap"): (1e-3, None), ("track", "iou_threshold"): (0, 0.999), ("track", "min_frames"): (1, None),
     ("track", "shot_cut"): (0, 1),
     ("faces", "min_face"): (0, None), ("faces", "iqa_size"): (32, 2048), ("faces", "aligned_size"): (32, 1024),

@@ -394,12 +394,13 @@ class Decoder:
             self.container.close()
             frames.put(end, self._stop)
 
-    def frames(self, prepare: Prepare | None = None) -> Iterator[VideoFrame]:
-        """Decoded frames, in order. Decoding runs ahead by at most `queue_size` frames; closing the iterator stops
-        it. A decoding error is raised here, after the frames before it. `prepare` runs on each frame in the
-        decoding thread, before it is handed over (`Prepare`)."""
+    def frames(self, prepare: Prepare | None = None, held: int = 0) -> Iterator[VideoFrame]:
+        """Decoded frames, in order. Decoding runs ahead by at most `queue_size` frames, plus the `held` frames the
+        consumer may hold at once (so that decoding goes on meanwhile); closing the iterator stops it. A decoding
+        error is raised here, after the frames before it. `prepare` runs on each frame in the decoding thread,
+        before it is handed over (`Prepare`)."""
         self._prepare = prepare
-        frames = FrameQueue(self.queue_size, self.stats)
+        frames = FrameQueue(self.queue_size + held, self.stats)
         thread = threading.Thread(target=self._pump, args=(frames,), name="cafi-decode", daemon=True)
         thread.start()
         try:

@@ -241,8 +241,9 @@ class LiveDecoder:
     def stop(self) -> None:
         self._stop.set()
 
-    def frames(self, prepare: Prepare | None = None) -> Iterator[VideoFrame]:
-        """As `Decoder.frames`, across reconnections."""
+    def frames(self, prepare: Prepare | None = None, held: int = 0) -> Iterator[VideoFrame]:
+        """As `Decoder.frames`, across reconnections; `held` changes nothing: the queue drops its oldest frame
+        when it is full."""
         self._prepare = prepare
         self._start(self._container)
         self._container = None

@@ -189,7 +189,8 @@ class _Run:
         self.models = models
         self.decoder = decoder
         self.timer = Stopwatch()
-        self.analyser = Analyser(cfg, models.faces, decoder.info.fps, self.timer)
+        live = isinstance(decoder, LiveDecoder)
+        self.analyser = Analyser(cfg, models.faces, decoder.info.fps, self.timer, live)
         self.method = cfg.rank.method
         # Baseline rankers rank every scored face by their own measure: no SER-FIQ rule, no IQA.
         self.iqa = models.iqa if self.method == "cafi" else None
@@ -210,7 +211,7 @@ class _Run:
         rt = cfg.runtime
         # Files wait for a batch in video time, so batches (and any float differences between batch sizes) are the
         # same on every run and machine; live streams wait in wall time, which bounds their latency.
-        clock = None if isinstance(decoder, LiveDecoder) else (lambda: self.now)
+        clock = None if live else (lambda: self.now)
         self.serfiq_batch = MicroBatcher(self._run_serfiq, rt.max_batch, rt.max_wait_ms, clock=clock)
         self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms, clock=clock)
         self.snapshots = Snapshots(cfg.live.snapshot_interval)
@@ -361,6 +362,7 @@ def run_summary(state: _Run, writer: OutputWriter, wall: float, interrupted: boo
         "shot_cuts": a.tracker.shot_cuts,
         "shot_cut_frames": list(a.cut_frames),
         "detection_stride": a.stride,
+        "detection_frames_per_call": a.full_frame.ahead,   # detect.ahead as it ran
         "seconds": seconds,
         "fps": round(frames / wall, 2) if wall > 0 else None,
         "truncated": state.decoder.stats.truncated,
@@ -445,12 +447,13 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def frame_results(state: _Run, frames: Iterator[VideoFrame], max_frames: int = 0, on_frame=None
-                  ) -> Iterator[TrackResult]:
-    """The results the frames give, until the frames end or `max_frames` (0: no limit) were handled; the open
-    tracks' results are `state.finish()`'s, so that a consumer can take them after an error too."""
+def frame_results(state: _Run, max_frames: int = 0, on_frame=None) -> Iterator[TrackResult]:
+    """The results the decoder's frames give, until the frames end or `max_frames` (0: no limit) were handled; the
+    open tracks' results are `state.finish()`'s, so that a consumer can take them after an error too."""
+    a = state.analyser
+    frames = state.decoder.frames(a.prepare, held=a.full_frame.held)
     with contextlib.closing(frames):
-        for handled, frame in enumerate(frames, 1):
+        for handled, frame in enumerate(a.full_frame.frames(frames), 1):
             yield from state.handle(frame)
             if on_frame is not None:
                 on_frame(frame)
@@ -487,7 +490,7 @@ def process(source: str, cfg: Config, models: Models | None = None, random_dbcnn
         models = Models.load(cfg, random_dbcnn=random_dbcnn)
     try:
         state = _Run(cfg, models, decoder)
-        yield from frame_results(state, decoder.frames(state.analyser.prepare), cfg.decode.max_frames)
+        yield from frame_results(state, cfg.decode.max_frames)
         yield from state.finish()
     finally:
         if own_models:
@@ -563,7 +566,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
     error: BaseException | None = None
     try:
         with signals, reporter if reporter is not None else contextlib.nullcontext():
-            for result in frame_results(state, decoder.frames(state.analyser.prepare), cfg.decode.max_frames,
+            for result in frame_results(state, cfg.decode.max_frames,
                                         (lambda f: [h(f) for h in frame_hooks]) if frame_hooks else None):
                 with state.timer("write"):
                     deliver(result)

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             "gpu": gpu_name() if summary["device"] == "cuda" else None,
             # at most: faces per SER-FIQ and IQA call (micro-batched over frames), frames per detector call
             "batch": {"serfiq": min(cfg.serfiq.batch, cfg.runtime.max_batch), "iqa": cfg.runtime.max_batch,
-                      "detector": 1},
+                      "detector": summary["detection_frames_per_call"]},
             "random_dbcnn": args.random_dbcnn,
             "random_r50": args.random_r50,
             "detector": summary["engines"]["face_detector"],

@@ -23,5 +23,7 @@ def test_gpu_bench_script_runs_the_whole_pipeline(tmp_path):
         assert run["decode_fps"] > 0 and run["e2e_fps"] > 0 and run["faces_kept"] > 0
         assert run["device"] in ("cpu", "cuda") and (run["gpu"] is None) == (run["device"] == "cpu")
         assert run["backend"]["face_detector"] == "scrfd_2.5g"
+        # detect.ahead = 0: a call per full-frame detection at 3 Hz on 30 fps (the decode queue holds 16 frames)
+        assert run["batch"]["detector"] == 1
     assert front["iqa"] is None and front["serfiq_calls"] > 0
     assert full["iqa"] == "dbcnn" and full["random_r50"] and full["random_dbcnn"] and full["iqa_calls"] > 0

@@ -255,3 +255,31 @@ def test_scrfd_graph_is_made_free_in_batch_height_and_width(tmp_path):
     assert [o.shape[2:] for o in both[:3]] == [(48, 80), (24, 40), (12, 20)]
     for a, b in zip(both, one):
         np.testing.assert_allclose(a[1:], b, atol=1e-4)
+
+
+def test_frames_detected_ahead_in_one_call_keep_what_one_call_each_keeps():
+    """`detect.ahead`: the full-frame detections of 4 detection frames are one detector call (as a GPU runs them
+    best), and the run keeps the same faces of the same tracks as with a call per frame, on the 1080p street (the
+    whole clip: with `max_frames`, detecting ahead reads frames the run never handles)."""
+    from cafi_stream.config import load_config
+    from cafi_stream.pipeline import Models, process
+
+    street = SHARED / "real" / "videos" / "street_1080p_multiface.mp4"
+    kept, calls = {}, {}
+    for ahead in (1, 4):
+        cfg = load_config(overrides={"output": {"topk": 3}, "iqa": {"name": "none"}, "fr": {"model": str(FR_MODEL)},
+                                     "faces": {"min_face": 40}, "detect": {"ahead": ahead}})
+        models = Models.load(cfg)
+        engine, sizes = models.faces.detector.engine, []
+        run = engine.run
+        engine.run = lambda x, run=run, sizes=sizes: sizes.append(x.shape) or run(x)
+        try:
+            kept[ahead] = sorted((r.track_id, k.face.frame_index, round(k.face.score, 4))
+                                 for r in process(str(street), cfg, models) for k in r.faces)
+        finally:
+            models.close()
+        full = max(s[2] * s[3] for s in sizes)
+        calls[ahead] = [s[0] for s in sizes if s[2] * s[3] == full]   # frames per full-frame detection call
+    assert len(kept[1]) >= 6 and kept[4] == kept[1]
+    assert calls[1] and set(calls[1]) == {1}
+    assert len(calls[4]) > 2 and set(calls[4][:-1]) == {4} and sum(calls[4]) == sum(calls[1])

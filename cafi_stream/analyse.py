@@ -209,26 +209,32 @@ class DetectAhead:
 
     def frames(self, frames: Iterator[VideoFrame]) -> Iterator[VideoFrame]:
         """`frames` as they come; with `ahead` > 1, in groups that end at every `ahead`-th detection frame, whose
-        detection frames are read in one call before the group is handed on."""
+        detection frames are read in one call before the group is handed on. A decoding error is raised after
+        the frames before it, as `frames` raises it."""
         group: list[VideoFrame] = []
         due = 0
-        for frame in frames:
+        frames = iter(frames)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except Exception:
+                yield from self._handed(group)
+                raise
             group.append(frame)
             due += not frame.index % self.stride
-            if self.ahead > 1 and due < self.ahead:
-                continue
-            self._detect(group)
-            yield from group
-            group, due = [], 0
-        self._detect(group)
-        yield from group
+            if self.ahead == 1 or due == self.ahead:
+                yield from self._handed(group)
+                group, due = [], 0
+        yield from self._handed(group)
 
-    def _detect(self, group: list[VideoFrame]) -> None:
+    def _handed(self, group: list[VideoFrame]) -> Iterator[VideoFrame]:
         due = [f for f in group if not f.index % self.stride]
-        if len(due) < 2 or len({f.size for f in due}) > 1:   # one call per frame does as well
-            return
-        with self.timer("detect"):
-            self.found.update(zip((f.index for f in due), self.faces.detect(due)))
+        if len(due) > 1 and len({f.size for f in due}) == 1:   # else a call per frame does as well
+            with self.timer("detect"):
+                self.found.update(zip((f.index for f in due), self.faces.detect(due)))
+        yield from group
 
     def take(self, frame: VideoFrame) -> Detections:
         """`frame`'s faces: detected ahead, or now."""
@@ -237,8 +243,6 @@ class DetectAhead:
             with self.timer("detect"):
                 dets = self.faces(frame)
         return dets
-
-
 
 
 class Analyser:

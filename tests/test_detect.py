@@ -1,6 +1,7 @@
 """Face detectors with keypoints on real frames: SCRFD on ONNX Runtime and torch, YuNet, batching, the keypoint
 mask, and whole runs with each detector."""
 
+import contextlib
 import json
 
 import av
@@ -283,3 +284,25 @@ def test_frames_detected_ahead_in_one_call_keep_what_one_call_each_keeps():
     assert len(kept[1]) >= 6 and kept[4] == kept[1]
     assert calls[1] and set(calls[1]) == {1}
     assert len(calls[4]) > 2 and set(calls[4][:-1]) == {4} and sum(calls[4]) == sum(calls[1])
+
+
+def test_frames_held_for_a_batch_are_handed_on_before_a_decoding_error(frames):
+    """A decoding error while frames wait for the rest of their batch: every frame decoded before it is still
+    handed on, with its faces detected in one call, and then the error is raised."""
+    from cafi_stream.analyse import DetectAhead
+    from cafi_stream.errors import InputError
+
+    street = [VideoFrame(i, i / 25, image) for i, image in enumerate(frames[1])]
+
+    def decoded():
+        yield from street[:5]
+        raise InputError("corrupt packet")
+
+    ahead = DetectAhead(face_analysis(), stride=1, ahead=8, timer=lambda stage: contextlib.nullcontext())
+    handed = []
+    with pytest.raises(InputError, match="corrupt packet"):
+        for frame in ahead.frames(decoded()):
+            handed.append(frame.index)
+    assert handed == [0, 1, 2, 3, 4] and sorted(ahead.found) == handed
+    faces = [ahead.take(f) for f in street[:5]]
+    assert all(len(d) >= 3 for d in faces) and not ahead.found

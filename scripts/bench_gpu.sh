@@ -8,9 +8,10 @@
 #       into $CAFI_GPU_DIR (default .gpu/, ignored by git, under 64 MiB): carry that folder to the machine.
 #   scripts/bench_gpu.sh run [VIDEO] [bench.py options ...]
 #       There: install the carried wheels into a private folder when the packages are missing, then
-#       scripts/bench.py on VIDEO (default: the shared Hamilton clip) re-encoded at 1080p, twice:
+#       scripts/bench.py on VIDEO (default: the shared Hamilton clip) re-encoded at 1080p, three times:
 #         1. `--iqa none` with MobileFaceNet: the front end (decode, detection, tracking, SER-FIQ);
-#         2. the default configuration's cost: ArcFace R50's topology and DBCNN, randomly initialised.
+#         2. the default configuration's cost: ArcFace R50's topology and DBCNN, randomly initialised;
+#         3. the front end with `--exhaustive`: every frame detected, detect.batch frames a detector call.
 #       On cuda when torch sees a GPU (backend auto: TensorRT when installed, else ONNX Runtime's CUDA provider,
 #       else torch CUDA), else on CPU. One JSON object per run on stdout, with the card's name.
 set -euo pipefail
@@ -58,9 +59,11 @@ run)
     cd "$ROOT"
     "$PY" scripts/bench.py "$video" --upscale 1080 --device "$device" --iqa none --fr-model "$fr" --compact "$@"
     "$PY" scripts/bench.py "$video" --upscale 1080 --device "$device" --random-r50 --random-dbcnn --compact "$@"
+    "$PY" scripts/bench.py "$video" --upscale 1080 --device "$device" --iqa none --fr-model "$fr" --exhaustive \
+        --compact "$@"
     ;;
 *)
-    sed -n '2,17p' "$0" >&2
+    sed -n '2,16p' "$0" >&2
     exit 2
     ;;
 esac

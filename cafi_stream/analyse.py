@@ -199,7 +199,7 @@ class DetectAhead:
     on that frame alone, so they are what a call per frame finds."""
 
     def __init__(self, faces: FaceAnalysis, stride: int, ahead: int, timer):
-        self.faces, self.stride, self.ahead, self.timer = faces, stride, ahead, timer
+        self.faces, self.stride, self.ahead, self.timer = faces, stride, max(1, ahead), timer
         self.found: dict[int, Detections] = {}   # frame index -> its faces, detected ahead
 
     @property

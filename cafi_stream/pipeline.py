@@ -189,8 +189,8 @@ class _Run:
         self.models = models
         self.decoder = decoder
         self.timer = Stopwatch()
-        live = isinstance(decoder, LiveDecoder)
-        self.analyser = Analyser(cfg, models.faces, decoder.info.fps, self.timer, live)
+        self.live = isinstance(decoder, LiveDecoder)
+        self.analyser = Analyser(cfg, models.faces, decoder.info.fps, self.timer, self.live)
         self.method = cfg.rank.method
         # Baseline rankers rank every scored face by their own measure: no SER-FIQ rule, no IQA.
         self.iqa = models.iqa if self.method == "cafi" else None
@@ -211,7 +211,7 @@ class _Run:
         rt = cfg.runtime
         # Files wait for a batch in video time, so batches (and any float differences between batch sizes) are the
         # same on every run and machine; live streams wait in wall time, which bounds their latency.
-        clock = None if live else (lambda: self.now)
+        clock = None if self.live else (lambda: self.now)
         self.serfiq_batch = MicroBatcher(self._run_serfiq, rt.max_batch, rt.max_wait_ms, clock=clock)
         self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms, clock=clock)
         self.snapshots = Snapshots(cfg.live.snapshot_interval)
@@ -366,7 +366,7 @@ def run_summary(state: _Run, writer: OutputWriter, wall: float, interrupted: boo
         "seconds": seconds,
         "fps": round(frames / wall, 2) if wall > 0 else None,
         "truncated": state.decoder.stats.truncated,
-        "live": {**state.health(), **writer.counts} if isinstance(state.decoder, LiveDecoder) else None,
+        "live": {**state.health(), **writer.counts} if state.live else None,
         "interrupted": interrupted,
         "device": state.models.device,
         "engines": state.models.engines,
@@ -541,7 +541,7 @@ def _run_claimed(decoder, cfg: Config, models: Models, out: OutputDir, t0: float
     state = _Run(cfg, models, decoder, Path(scores_out) if scores_out is not None else None)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    live = isinstance(decoder, LiveDecoder)
+    live = state.live
     reporter = None
     if live or stats_json is not None:
         reporter = StatusReporter(lambda: {**state.health(), **writer.counts}, cfg.live.status_interval,

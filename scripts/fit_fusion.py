@@ -212,8 +212,8 @@ def held_out(tracks: list[dict], use: np.ndarray, *settings: float) -> dict[str,
 
 
 def choose(tracks: list[dict], use: np.ndarray) -> tuple[tuple[float, float, float], dict]:
-    """(tau, SER-FIQ floor) with the best worst-kind AUC over people held out, then typicality's floor by the rule
-    of the module's docstring."""
+    """(tau, SER-FIQ floor, typicality floor): the first two with the best worst-kind AUC over people held out,
+    then typicality's floor by the rule of the module's docstring; and every setting's held-out AUCs."""
     cv = {f"tau {tau}, serfiq floor {floor}": ((tau, floor), held_out(tracks, use, tau, floor))
           for tau in TAUS for floor in SERFIQ_FLOORS}
     (tau, floor), base = max(cv.values(), key=lambda c: min(c[1].values()))

@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import av
+import cv2
 import numpy as np
 
-from conftest import ROOT, VIDEO
+from conftest import ROOT, SHARED, VIDEO, face_analysis
+from cafi_stream import degrade
 from cafi_stream.config import load_config
 from cafi_stream.detect import Detections
 from cafi_stream.decode import VideoFrame
@@ -44,6 +46,29 @@ def test_shot_cuts_in_the_real_clip():
     assert cuts == [20, 82, 211]
 
 
+def _frames(name: str, n: int) -> list[np.ndarray]:
+    with av.open(str(SHARED / "real" / "videos" / name)) as c:
+        return [cv2.resize(f.to_ndarray(format="rgb24"), (256, 256), interpolation=cv2.INTER_AREA)
+                for _, f in zip(range(n), c.decode(video=0))]
+
+
+def test_an_occluder_that_comes_into_view_is_not_a_cut():
+    """A skin-toned occluder 0.65 face-widths wide over a dark, noisy face for a third of a second (eval_real's
+    occluder, in one of the fit clips where it tripped the earlier rule, which normalised the whole frame at once:
+    two false cuts here). Joining another clip still is one."""
+    imgs = _frames("voxceleb2_pose_source_620900105.mp4", 30)
+    faces = face_analysis()
+    box = faces(imgs[0]).xyxy[0]
+    faces.close()
+    rng = np.random.default_rng(0)
+    frames = [degrade.occluder(img, box, 0.65) if 10 <= i < 20 else degrade.camera(img, "low_light", 3, rng)
+              for i, img in enumerate(imgs)]
+    frames += _frames("retalking_face1.mp4", 10)
+    det = ShotCutDetector(load_config().track.shot_cut)
+    cuts = [i for i, f in enumerate(frames) if det(VideoFrame(i, 0.0, f).thumbnail)]
+    assert cuts == [30]
+
+
 def test_light_colour_and_quality_changes_are_not_cuts():
     """scripts/eval_cuts.py on real clips joined with known cuts, each second changed in light, colour or quality."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_cuts.py"), "--seconds", "3"],
@@ -53,7 +78,7 @@ def test_light_colour_and_quality_changes_are_not_cuts():
     for split in ("fit", "report"):
         ours, before = result[split]["structure and colour (default)"], result[split]["colour histogram (before)"]
         assert ours["cuts"] >= 5 and ours["missed_cuts"] == 0, ours
-        assert ours["false_cuts_per_minute"] <= 2.0, ours   # measured: 0 on fit, 1.0-1.4 on report
+        assert ours["false_cuts_per_minute"] <= 1.0, ours   # measured: 0 on fit and report
         assert before["false_cuts"] > 5 * max(1, ours["false_cuts"]), before
 
 

@@ -53,7 +53,7 @@ def _frames(name: str, n: int) -> list[np.ndarray]:
 
 
 def test_an_occluder_that_comes_into_view_is_not_a_cut():
-    """A skin-toned occluder 0.65 face-widths wide over a dark, noisy face for a third of a second (eval_real's
+    """A skin-toned occluder 0.65 face-widths wide, for 10 frames, between frames of a dark, noisy face (eval_real's
     occluder, in one of the fit clips where it tripped the earlier rule, which normalised the whole frame at once:
     two false cuts here). Joining another clip still is one."""
     imgs = _frames("voxceleb2_pose_source_620900105.mp4", 30)

@@ -21,6 +21,7 @@ def test_gpu_bench_script_runs_the_whole_pipeline(tmp_path):
     for run in runs:
         assert run["resolution"] == "1920x1080" and run["frames"] == 60
         assert run["decode_fps"] > 0 and run["e2e_fps"] > 0 and run["faces_kept"] > 0
+        assert len(run["decode_fps_runs"]) == 2 and min(run["decode_fps_runs"]) > 0   # before and after the run
         assert run["device"] in ("cpu", "cuda") and (run["gpu"] is None) == (run["device"] == "cpu")
         assert run["backend"]["face_detector"] == "scrfd_2.5g"
         # detect.ahead = 0: a call per full-frame detection at 3 Hz; detect.batch (8) frames where every one is

@@ -6,10 +6,11 @@
 
 It measures, for the same video: decode-only fps (PyAV threaded decode, nothing else; before and after the run,
 averaged) and the same with every frame converted to RGB, end-to-end fps of the pipeline (models loaded
-beforehand), milliseconds per frame of each stage, IQA (DBCNN) calls, peak RSS, the backend and device. `--compare-exhaustive` also runs the exhaustive reference and reports how much of its top-k
-the run kept. `--random-dbcnn` uses a randomly initialised DBCNN and `--random-r50` a randomly initialised network
-of the default recognition model's exact topology (ArcFace R50: iresnet50, 25088->512 head): their cost is real,
-their scores mean nothing.
+beforehand), milliseconds per frame of each stage, IQA (DBCNN) calls, peak RSS, the backend and device.
+`--compare-exhaustive` also runs the exhaustive reference and reports how much of its top-k the run kept.
+`--random-dbcnn` uses a randomly initialised DBCNN and `--random-r50` a randomly initialised network of the
+default recognition model's exact topology (ArcFace R50: iresnet50, 25088->512 head): their cost is real, their
+scores mean nothing.
 """
 
 from __future__ import annotations

@@ -362,7 +362,7 @@ def test_output_files_follow_the_umask(umask, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "cafi_stream.cli", str(VIDEO), "--out", str(out), "--topk", "1",
                            *map(str, FAST)], cwd=ROOT, capture_output=True, text=True,
-                          preexec_fn=lambda: os.umask(umask))
+                          umask=umask)   # not preexec_fn, which is unsafe where the test process has threads
     assert proc.returncode == 0, proc.stderr
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) >= 5

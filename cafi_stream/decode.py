@@ -141,12 +141,21 @@ class VideoFrame:
         w, h = size if not self.quarter % 2 else size[::-1]   # in stored orientation
         if self._planar and "image" not in self.__dict__:
             ew, eh = w + w % 2, h + h % 2   # I420 needs even sides; the extra line is cut off below
-            planes = [cv2.resize(pix[::step, ::step], dsize, interpolation=interpolation).ravel()
+            planes = [cv2.resize(_every(pix, step), dsize, interpolation=interpolation).ravel()
                       for pix, dsize in zip(self._planes(), ((ew, eh), (ew // 2, eh // 2), (ew // 2, eh // 2)))]
             rgb = cv2.cvtColor(np.concatenate(planes).reshape(eh * 3 // 2, ew), cv2.COLOR_YUV2RGB_I420)[:h, :w]
             return self._upright(rgb)
         image = self.image
-        return cv2.resize(image[::step, ::step], size, interpolation=interpolation)
+        return cv2.resize(_every(image, step), size, interpolation=interpolation)
+
+
+def _every(pix: np.ndarray, step: int) -> np.ndarray:
+    """`pix[::step, ::step]`, contiguous. Where `step` divides both sides, OpenCV's nearest-neighbour resize picks
+    exactly those pixels, in about a third of the time numpy takes to copy the strided view."""
+    h, w = pix.shape[:2]
+    if step == 1 or h % step or w % step:
+        return np.ascontiguousarray(pix[::step, ::step])
+    return cv2.resize(pix, (w // step, h // step), interpolation=cv2.INTER_NEAREST)
 
 
 # Work the decoding thread does on each frame before handing it over, in parallel with the stages: making the

@@ -233,8 +233,10 @@ class SerFiq:
     def preprocess(self, faces: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB aligned faces -> the model's NCHW float input."""
         x = faces if self.channel_order == "RGB" else faces[..., ::-1]
-        x = (x.astype(np.float32) - self.mean) / self.std
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)   # NCHW in one pass (see detect.py)
+        x -= self.mean
+        x /= self.std
+        return x
 
     def features(self, faces: np.ndarray) -> np.ndarray:
         """Backbone features (N, D) at the embedding layer's input."""

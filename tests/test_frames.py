@@ -32,6 +32,19 @@ def test_a_region_is_the_whole_frame_cut(street):
         np.testing.assert_array_equal(patch, whole[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]])
 
 
+def test_the_thumbnail_area_averages_every_third_pixel_of_each_plane(street):
+    """A 1080p frame's shot-cut thumbnail reads every 3rd pixel of its planes (made with OpenCV's nearest-neighbour
+    resize, not numpy's strided copy): the same pixels as the plain slices, so the cut rule sees the same image."""
+    import cv2
+
+    raw = street[5]
+    planes = [np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:p.height, :p.width] for p in raw.planes]
+    small = [cv2.resize(np.ascontiguousarray(p[::3, ::3]), size, interpolation=cv2.INTER_AREA).ravel()
+             for p, size in zip(planes, ((64, 36), (32, 18), (32, 18)))]
+    expected = cv2.cvtColor(np.concatenate(small).reshape(54, 64), cv2.COLOR_YUV2RGB_I420)
+    np.testing.assert_array_equal(VideoFrame(5, 0.0, raw).thumbnail, expected)
+
+
 def test_a_tracked_face_is_found_again_around_its_last_box(street):
     """Faces detected in frame 0 are found again around those boxes 3 frames (0.1 s, the default sampling
     interval) later, while the people walk, where the full-frame detection of that frame puts them, with the same

@@ -113,6 +113,15 @@ def create_engine(source: ModelSource, backend: str = "auto", device: str = "cpu
     return TorchEngine(source, device=device, fp16=fp16)
 
 
+def nchw(images: np.ndarray, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
+    """(N, H, W, C) uint8 images -> the networks' (N, C, H, W) float32 input, (pixel - mean) / std. The layout is
+    changed while converting to float, in one pass: transposing the float array afterwards cost ~10x as much."""
+    x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32)
+    x -= mean
+    x /= std
+    return x
+
+
 def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, max_batch: int) -> np.ndarray:
     """Apply `fn` in slices of at most `max_batch` along the first axis."""
     if len(x) <= max_batch:

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from ._native import native_stderr_silenced
+from .backend import nchw
 from .config import DetectConfig
 from .errors import InputError, ModelError
 from .models import ModelSpec, resolve_named, sha256_of
@@ -271,11 +272,7 @@ class ScrfdDetector:
     def detect(self, images: Sequence[np.ndarray], scale: float = 1.0) -> list[Detections]:
         if not len(images):
             return []
-        # NCHW float in one pass, then normalised in place: ~10x faster than transposing the float array after
-        x = np.ascontiguousarray(np.stack([_padded(image) for image in images]).transpose(0, 3, 1, 2), np.float32)
-        x -= 127.5
-        x /= 128.0
-        outs = self.engine.run(x)
+        outs = self.engine.run(nchw(np.stack([_padded(image) for image in images]), 127.5, 128.0))
         n = len(self.STRIDES)
         per_image: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in images]
         for level, stride in enumerate(self.STRIDES):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import Engine, ModelSource, create_engine, run_batched
+from .backend import Engine, ModelSource, create_engine, nchw, run_batched
 from .backend_torch import TorchEngine
 from .errors import InputError, ModelError
 from .export import torch_source
@@ -34,8 +34,7 @@ class IqaModel:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
             return np.zeros(0, np.float32)
-        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32) / 255.0
-        return run_batched(self.engine, x, self.batch).reshape(len(images), -1)[:, 0]
+        return run_batched(self.engine, nchw(images, 0.0, 255.0), self.batch).reshape(len(images), -1)[:, 0]
 
     def oriented(self, value: float) -> float:
         """The score with higher meaning better, whatever the metric's direction."""

@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import CafiError, ModelError
-from .backend import run_batched
+from .backend import nchw, run_batched
 from .models import ModelSpec, sha256_of
 
 log = logging.getLogger(__name__)
@@ -232,11 +232,7 @@ class SerFiq:
 
     def preprocess(self, faces: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB aligned faces -> the model's NCHW float input."""
-        x = faces if self.channel_order == "RGB" else faces[..., ::-1]
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)   # NCHW in one pass (see detect.py)
-        x -= self.mean
-        x /= self.std
-        return x
+        return nchw(faces if self.channel_order == "RGB" else faces[..., ::-1], self.mean, self.std)
 
     def features(self, faces: np.ndarray) -> np.ndarray:
         """Backbone features (N, D) at the embedding layer's input."""

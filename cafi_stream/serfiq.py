@@ -170,13 +170,19 @@ def serfiq_from_features(features, weight, bias, masks, chunk_bytes: int = 256 <
 _TORCH_THREADS = threading.Lock()
 
 
+# A face's head work (passes x the layer's multiply-adds) from which the head is shared over torch's CPU threads.
+# Below it, split over torch's pool, the head waits for the core the decoder holds (MobileFaceNet's 512x128 head,
+# 6.6 M: ~12 ms a call on 2 cores instead of ~0.6 ms); above it the second core wins (ArcFace R50's 25088x512,
+# 1.3 G: 37 ms a face on one thread, 22.5 ms on two, the same scores bit for bit).
+SPLIT_MACS = 100_000_000
+
+
 @contextlib.contextmanager
-def _one_thread_on(device):
-    """torch on one CPU thread: the head's matrices are small, and split over torch's pool they wait for the core
-    the decoder holds (on 2 cores ~12 ms a call instead of ~0.6 ms)."""
+def _one_thread(on: bool):
+    """torch on one CPU thread while `on`."""
     import torch
 
-    if device.type != "cpu":
+    if not on:
         yield
         return
     with _TORCH_THREADS:   # torch's thread count is global: callers in other threads wait, never restore 1
@@ -228,6 +234,7 @@ class SerFiq:
         self.weight = torch.from_numpy(self.head.weight).to(self.device)
         self.bias = torch.from_numpy(self.head.bias).to(self.device)
         self.masks = torch.from_numpy(dropout_masks(passes, self.head.weight.shape[0], dropout, seed)).to(self.device)
+        self.one_thread = self.device.type == "cpu" and passes * self.head.weight.size < SPLIT_MACS
         self(np.zeros((1, *self.size, 3), np.uint8))   # first-run costs (allocations, kernels) at start-up
 
     def preprocess(self, faces: np.ndarray) -> np.ndarray:
@@ -248,6 +255,6 @@ class SerFiq:
         if len(faces) == 0:
             return SerFiqResult(np.zeros(0, np.float32), np.zeros((0, self.head.weight.shape[1]), np.float32))
         feats = torch.from_numpy(self.features(faces)).to(self.device)
-        with torch.inference_mode(), _one_thread_on(self.device):
+        with torch.inference_mode(), _one_thread(self.one_thread):
             scores, emb = serfiq_from_features(feats, self.weight, self.bias, self.masks)
         return SerFiqResult(scores.float().cpu().numpy(), emb.float().cpu().numpy())

@@ -56,6 +56,44 @@ def test_gemm_batchnorm_head_is_folded(tmp_path):
     assert np.abs(model(faces).embeddings - ref).max() < 1e-4
 
 
+def test_the_head_shares_the_cores_only_when_it_is_large(serfiq, aligned_photos, tmp_path, monkeypatch):
+    """MobileFaceNet's small head runs on one torch thread (split, it would wait for the decoder's core); a head
+    of SPLIT_MACS or more on torch's pool, with the scores one thread gives. torch's thread count is kept."""
+    import torch
+
+    from cafi_stream import serfiq as module
+
+    threads, real = [], module.serfiq_from_features
+
+    def recorded(*args):
+        threads.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(module, "serfiq_from_features", recorded)
+    pool = torch.get_num_threads()
+    faces = np.stack(list(aligned_photos.values()))
+    serfiq(faces)
+    assert threads == [1] and torch.get_num_threads() == pool
+
+    torch.manual_seed(0)   # 100 passes x 6272 x 160 = 100.35 M multiply-adds a face
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 28 * 28, 160)).eval()
+    path = tmp_path / "large_head.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    large = SerFiq(path, ModelSpec(name="toy", file_name=path.name))
+    assert 100 * large.head.weight.size >= module.SPLIT_MACS and not large.one_thread
+    threads.clear()
+    pooled = large(faces).scores
+    torch.set_num_threads(1)
+    try:
+        single = large(faces).scores
+    finally:
+        torch.set_num_threads(pool)
+    assert threads == [pool, 1]
+    assert np.abs(pooled - single).max() < 1e-6
+
+
 def test_scores_are_repeatable_and_masks_seeded(serfiq, aligned_photos):
     faces = np.stack(list(aligned_photos.values()))
     assert np.array_equal(serfiq(faces).scores, serfiq(faces).scores)

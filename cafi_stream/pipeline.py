@@ -6,11 +6,9 @@ decode -> detect -> track -> landmarks/align -> SER-FIQ -> IQA -> per-track top-
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -19,27 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
 from . import __version__
-from .batching import MicroBatcher
-from .cascade import IqaScheduler, SampleGate
 from .config import Config
 from .dataset import finalize as finalize_output
 from .decode import Decoder, VideoFrame
-from .analyse import Analyser, EndedTrack, FaceAnalysis, nothing_kept
+from .analyse import Analyser, FaceAnalysis, nothing_kept
 from .backend import resolve_device
 from .errors import OutputError
-from .fusion import Centroids, FusionModel, TrackScores, ranking_fusion, signal_vector
 from .iqa import IqaModel, create_iqa
 from .live import LiveDecoder, LiveOptions
 from .models import default_models_dir, resolve_fr_model, sha256_of
 from .outdir import METADATA, OutputDir, atomic_write, check_output_file, writing
 from .rows import read_face_rows
-from .select import Selector, ScoredFace, SerfiqRule, TrackResult
+from .scoring import Scoring
+from .select import TrackResult
 from .serfiq import SerFiq
 from .sources import is_live, redact, source_stem
-from .writer import OutputWriter, ScoresLog
+from .writer import OutputWriter
 
 log = logging.getLogger(__name__)
 
@@ -125,29 +119,6 @@ def default_out_dir(source: str) -> Path:
     return Path("cafi_out") / source_stem(source)
 
 
-def ranker_value(method: str, face: ScoredFace) -> float:
-    """A face's quality without an IQA model: a baseline ranker's measure, else SER-FIQ."""
-    if method == "sharpness":
-        return face.sharpness
-    if method == "detector":
-        return face.det_score
-    if method == "random":   # repeatable: seeded by the face's identity in the video
-        return random.Random(f"{face.track_id}:{face.frame_index}").random()
-    return face.serfiq   # "serfiq", and "cafi" with --iqa none
-
-
-def build_selector(cfg: Config, serfiq_min: float, with_iqa: bool) -> Selector:
-    """The per-track top-k pools of `cfg`'s ranker: its SER-FIQ rule (`serfiq_min`, the recognition model's
-    threshold, where `serfiq.min_score` is "auto"), its fusion and the fusion's fitted model."""
-    min_score = serfiq_min if cfg.serfiq.min_score == "auto" else cfg.serfiq.min_score
-    rule = SerfiqRule(cfg.serfiq.track_quantile, min_score) if cfg.rank.method == "cafi" else SerfiqRule(0.0)
-    fusion = ranking_fusion(cfg.rank, with_iqa)
-    model = FusionModel.load(iqa=with_iqa) if fusion == "learned" else None
-    return Selector(cfg.output.topk, cfg.output.min_gap, rule, cfg.runtime.pool_factor, fusion=fusion,
-                    max_similarity=cfg.diversity.max_similarity, pose_bins=cfg.diversity.pose_bins, model=model,
-                    max_drop=cfg.rank.max_drop)
-
-
 class Snapshots:
     """Tracks that never end (someone standing in view) give their best-so-far every `interval` seconds (0:
     never), once they have been open that long."""
@@ -173,16 +144,9 @@ class Snapshots:
 
 
 class _Run:
-    """The state of one run over one source; `handle` is called once per decoded frame.
-
-    Per frame: detect (the whole frame every `stride` frames, crops around due faces between) -> track -> cheap
-    gates -> landmarks/crops -> SER-FIQ micro-batch -> SER-FIQ rule -> IQA scheduler -> IQA micro-batch -> top-k
-    pools. With the learned fusion's cascade a face enters its pool once SER-FIQ has scored it (its IQA signal
-    at the track's typical value) and again with its IQA score if the scheduler gives it a call: the IQA budget
-    refines the ranking instead of deciding which faces may be kept at all. A track that ends first drains what is
-    pending for it, gives its kept faces that never had an IQA call one (`_confirm`), then is handed on as a
-    `TrackResult`.
-    """
+    """The state of one run over one source; `handle` is called once per decoded frame: analysis (detect, track,
+    gate, crops; `Analyser`) -> scoring (SER-FIQ, IQA, top-k pools; `Scoring`) -> each ended real track's
+    `TrackResult`, and on live sources snapshots of open tracks."""
 
     def __init__(self, cfg: Config, models: Models, decoder: Decoder, scores_out: Path | None = None):
         self.cfg = cfg
@@ -191,117 +155,19 @@ class _Run:
         self.timer = Stopwatch()
         self.live = isinstance(decoder, LiveDecoder)
         self.analyser = Analyser(cfg, models.faces, decoder.info.fps, self.timer, self.live)
-        self.method = cfg.rank.method
-        # Baseline rankers rank every scored face by their own measure: no SER-FIQ rule, no IQA.
-        self.iqa = models.iqa if self.method == "cafi" else None
-        self.selector = build_selector(cfg, models.serfiq.spec.serfiq_min, self.iqa is not None)
-        model = self.selector.model
-        self.scores = ScoresLog(scores_out) if scores_out is not None else None
-        self.centroids = Centroids()
-        c = cfg.cascade
-        self.exhaustive = c.exhaustive
-        self.provisional = not c.exhaustive and self.selector.fusion == "learned" and self.iqa is not None
-        # Baseline rankers score every sampled face: they are measured against what they see.
-        self.gate = SampleGate(c.serfiq_window if self.method == "cafi" and not c.exhaustive else 0.0,
-                               TrackScores(model, ("serfiq", "iqa")) if model is not None else None)
-        self.scheduler = IqaScheduler(c.iqa_budget, c.iqa_burst, window=max(c.iqa_window, cfg.output.min_gap),
-                                      max_age=c.max_age,
-                                      exhaustive=c.exhaustive,
-                                      could_enter=self.selector.could_enter)
-        rt = cfg.runtime
-        # Files wait for a batch in video time, so batches (and any float differences between batch sizes) are the
-        # same on every run and machine; live streams wait in wall time, which bounds their latency.
-        clock = None if self.live else (lambda: self.now)
-        self.serfiq_batch = MicroBatcher(self._run_serfiq, rt.max_batch, rt.max_wait_ms, clock=clock)
-        self.iqa_batch = MicroBatcher(self._run_iqa, rt.max_batch, rt.max_wait_ms, clock=clock)
+        self.scoring = Scoring(cfg, models.serfiq, models.iqa, self.timer, self.live, scores_out)
         self.snapshots = Snapshots(cfg.live.snapshot_interval)
         self.now = 0.0
 
-    # -- engines, called by the micro-batchers
-    def _run_serfiq(self, faces: list[ScoredFace]) -> list[tuple[float, np.ndarray]]:
-        with self.timer("serfiq"):
-            r = self.models.serfiq(np.stack([f.crops.aligned for f in faces]))
-        return list(zip(r.scores.tolist(), r.embeddings))
-
-    def _run_iqa(self, faces: list[ScoredFace]) -> list[float]:
-        with self.timer("iqa"):
-            return self.iqa(np.stack([f.crops.masked for f in faces])).tolist()
-
-    # -- flow
-    def _pump(self, flush: bool = False, ending: int | None = None) -> None:
-        for face, (score, emb) in (self.serfiq_batch.flush() if flush else self.serfiq_batch.poll()):
-            typical = self.centroids.typicality(face.track_id, emb)
-            face = dataclasses.replace(face, serfiq=score, embedding=emb, typicality=typical,
-                                       signals=signal_vector(score, None, face.measures, typical))
-            with self.timer("select"):
-                passes = self.selector.passes(face.track_id, score)
-            if self.scores is not None:
-                self.scores.record(face)
-            if self.iqa is None:
-                face = dataclasses.replace(face, quality=ranker_value(self.method, face))
-                if passes:
-                    self.selector.offer(face)
-                if self.scores is not None:
-                    self.scores.update(face)
-                continue
-            # The filter rule needs no IQA for faces it drops; zsum/zmin and the exhaustive reference score them all.
-            if not (passes or self.exhaustive or self.selector.fusion != "filter"):
-                continue
-            if not self.exhaustive:
-                face = dataclasses.replace(face, score=score, proxy=self.selector.proxy(face))
-                self.selector.offer_fallback(face)
-                if self.provisional and passes:
-                    self.selector.offer(face, provisional=True)
-            self.scheduler.submit(face.track_id, face.pts_time, face.proxy, face)
-        if self.iqa is None:
-            return
-        for face in self.scheduler.due(self.now, track_id=ending):
-            self.iqa_batch.add(face)
-        for face, value in (self.iqa_batch.flush() if flush else self.iqa_batch.poll()):
-            self._scored_iqa(face, value)
-
-    def _scored_iqa(self, face: ScoredFace, value: float) -> None:
-        quality = self.iqa.oriented(value)
-        face = dataclasses.replace(face, iqa=value, quality=quality,
-                                   signals=signal_vector(face.serfiq, quality, face.measures, face.typicality))
-        with self.timer("select"):
-            self.selector.offer(face, seen=self.provisional)
-        if self.scores is not None:
-            self.scores.update(face)
-
     def _end_tracks(self, tracks) -> list[TrackResult]:
-        """Drain what is pending for each ended track; the result of each real face's track."""
+        """Each ended track's pool closed; the result of each real face's track."""
         results = []
         for track in tracks:
-            tid = track.track_id
-            for face in self.gate.release(tid):
-                self.serfiq_batch.add(face)
-            self._pump(flush=True, ending=tid)
-            self._confirm(tid)
-            self.centroids.forget(tid)
-            with self.timer("select"):
-                if self.scores is not None:
-                    threshold, score = self.selector.judge(tid)
-                kept = self.selector.close(tid)
-            if self.scores is not None:
-                self.scores.close_track(tid, kept, threshold, score)
-            self.snapshots.closed(tid)
+            kept = self.scoring.close(track.track_id, self.now)
+            self.snapshots.closed(track.track_id)
             if track.real:
-                results.append(TrackResult(tid, track.span, tuple(kept)))
+                results.append(TrackResult(track.track_id, track.span, tuple(kept)))
         return results
-
-    def _confirm(self, track_id: int) -> None:
-        """Before a track's top-k is final, give its kept faces that never had an IQA call one, and choose again:
-        every kept face is judged by both networks. Each round scores faces that had no IQA call, so the pool's
-        size bounds the rounds."""
-        for _ in range(self.selector.capacity if self.provisional else 0):
-            missing = [k.face for k in self.selector.peek(track_id) if k.face.iqa is None]
-            if not missing:
-                return
-            for face in missing:
-                self.iqa_batch.add(face)
-            for face, value in self.iqa_batch.flush():
-                self._scored_iqa(face, value)
 
     def handle(self, frame: VideoFrame) -> list[TrackResult]:
         self.now = frame.pts_time
@@ -309,28 +175,22 @@ class _Run:
         results = self._end_tracks(analysed.ended)
         for face in analysed.faces:
             self.snapshots.scored(face.track_id, face.pts_time)
-            for due in self.gate.submit(face.track_id, face.pts_time, face):
-                self.serfiq_batch.add(due)
-        self._pump()
+        self.scoring.submit(analysed.faces, self.now)
         if not frame.index % self.analyser.stride:   # snapshots on detection frames
-            results += self.snapshots.due(frame.pts_time, self.analyser.span, self.selector.peek)
+            results += self.snapshots.due(frame.pts_time, self.analyser.span, self.scoring.peek)
         return results
 
     def health(self) -> dict:
         """Figures for the status line and --stats-json."""
         stats = self.decoder.stats
         return {"frames_in": stats.frames, "processed": self.analyser.counts["frames"], "dropped": stats.dropped,
-                "queue": getattr(self.decoder, "queue_depth", 0), "open_tracks": len(self.selector.open_tracks),
+                "queue": getattr(self.decoder, "queue_depth", 0), "open_tracks": len(self.scoring.open_tracks),
                 "reconnects": getattr(stats, "reconnects", 0), "connected": getattr(stats, "connected", True)}
 
     def finish(self) -> list[TrackResult]:
         """The results of every open track (end of input)."""
         results = self._end_tracks(self.analyser.finish(self.now))
-        # Pools of tracks the analyser no longer holds: closed, no result (not real faces' tracks).
-        self._end_tracks([EndedTrack(tid, (self.now, self.now), False) for tid in self.selector.open_tracks])
-        if self.scores is not None:
-            with writing(self.scores.path):
-                self.scores.close()
+        self.scoring.finish(self.now)
         return results
 
 
@@ -345,10 +205,7 @@ def run_summary(state: _Run, writer: OutputWriter, wall: float, interrupted: boo
     a = state.analyser
     frames = a.counts["frames"]
     faces = {k: v for k, v in sorted(a.counts.items()) if k != "frames"}
-    faces["serfiq_calls"] = state.serfiq_batch.calls
-    faces["serfiq_skipped"] = state.gate.skipped
-    faces["iqa_calls"] = state.iqa_batch.calls
-    faces["iqa_skipped"] = state.scheduler.skipped
+    faces.update(state.scoring.counts)
     return {
         "version": __version__,
         "source": info.source,
@@ -370,8 +227,8 @@ def run_summary(state: _Run, writer: OutputWriter, wall: float, interrupted: boo
         "interrupted": interrupted,
         "device": state.models.device,
         "engines": state.models.engines,
-        "iqa": state.iqa.name if state.iqa else None,
-        "ranker": state.method,
+        "iqa": state.scoring.iqa.name if state.scoring.iqa else None,
+        "ranker": state.scoring.method,
         "models": state.models.files,
         "config": state.cfg.to_dict(),
     }

@@ -56,6 +56,44 @@ def test_gemm_batchnorm_head_is_folded(tmp_path):
     assert np.abs(model(faces).embeddings - ref).max() < 1e-4
 
 
+def test_prelu_layers_become_convolutions_with_the_same_features(serfiq, aligned_photos):
+    """The cached backbone computes each per-channel PRelu as ReLUs and depthwise convolutions
+    (`export.prelu_as_convs`, faster on ONNX Runtime's CPU provider): on real faces, the same features bit for bit.
+    A slope that is not one per channel is left as a PRelu."""
+    from onnx import helper, numpy_helper
+
+    from cafi_stream.backend import engines_dir
+    from cafi_stream.export import cut_backbone, prelu_as_convs
+
+    def ops(model):
+        return [n.op_type for n in model.graph.node]
+
+    def run(model, x):
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+    cut = cut_backbone(onnx.load(str(FR_MODEL)), serfiq.head.cut)
+    new = prelu_as_convs(cut)
+    assert ops(cut).count("PRelu") == 33 and "PRelu" not in ops(new)
+    cached = list(engines_dir().glob(f"fr_{serfiq.spec.sha256[:16]}_backbone_*.onnx"))
+    assert cached and all("PRelu" not in ops(onnx.load(str(p))) for p in cached)
+    x = serfiq.preprocess(np.stack(list(aligned_photos.values())))
+    assert (run(cut, x) < 0).any()   # the negative side is exercised
+    assert np.array_equal(run(new, x), run(cut, x))
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("PRelu", ["x", "a"], ["h"]), helper.make_node("PRelu", ["h", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 5, 5])],
+        [numpy_helper.from_array(rng.uniform(-0.5, 1.5, (4, 1, 1)).astype(np.float32), "a"),
+         numpy_helper.from_array(np.array([0.25], np.float32), "b")])
+    toy = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert ops(prelu_as_convs(toy)) == ["Relu", "Conv", "Relu", "Conv", "Add", "PRelu"]
+    x = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
+    assert np.array_equal(run(prelu_as_convs(toy), x), run(toy, x))
+
+
 def test_the_head_shares_the_cores_only_when_it_is_large(serfiq, aligned_photos, tmp_path, monkeypatch):
     """MobileFaceNet's small head runs on one torch thread (split, it would wait for the decoder's core); a head
     of SPLIT_MACS or more on torch's pool, with the scores one thread gives. torch's thread count is kept."""

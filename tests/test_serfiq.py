@@ -68,8 +68,11 @@ def test_prelu_layers_become_convolutions_with_the_same_features(serfiq, aligned
     def ops(model):
         return [n.op_type for n in model.graph.node]
 
-    def run(model, x):
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    def run(model, x, optimised=True):
+        opts = ort.SessionOptions()
+        if not optimised:   # ONNX Runtime's own layout choices aside: the rewrite alone
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
     cut = cut_backbone(onnx.load(str(FR_MODEL)), serfiq.head.cut)
@@ -79,7 +82,9 @@ def test_prelu_layers_become_convolutions_with_the_same_features(serfiq, aligned
     assert cached and all("PRelu" not in ops(onnx.load(str(p))) for p in cached)
     x = serfiq.preprocess(np.stack(list(aligned_photos.values())))
     assert (run(cut, x) < 0).any()   # the negative side is exercised
-    assert np.array_equal(run(new, x), run(cut, x))
+    assert np.array_equal(run(new, x, optimised=False), run(cut, x, optimised=False))
+    # Optimised, the same here; other CPUs' kernels may round the rest of the graph differently once in blocked layout
+    assert np.abs(run(new, x) - run(cut, x)).max() <= 1e-5 * np.abs(run(cut, x)).max()
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("PRelu", ["x", "a"], ["h"]), helper.make_node("PRelu", ["h", "b"], ["y"])]
@@ -91,7 +96,7 @@ def test_prelu_layers_become_convolutions_with_the_same_features(serfiq, aligned
     toy = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert ops(prelu_as_convs(toy)) == ["Relu", "Conv", "Relu", "Conv", "Add", "PRelu"]
     x = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
-    assert np.array_equal(run(prelu_as_convs(toy), x), run(toy, x))
+    assert np.array_equal(run(prelu_as_convs(toy), x, optimised=False), run(toy, x, optimised=False))
 
 
 def test_the_head_shares_the_cores_only_when_it_is_large(serfiq, aligned_photos, tmp_path, monkeypatch):

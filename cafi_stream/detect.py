@@ -278,12 +278,11 @@ class ScrfdDetector:
         for level, stride in enumerate(self.STRIDES):
             logits, dist, kps = outs[level], outs[n + level], outs[2 * n + level]
             anchors, gh, gw = logits.shape[1:]
-            ys, xs = np.mgrid[:gh, :gw]
             for i in range(len(images)):
                 a, r, c = np.nonzero(logits[i] > self.min_logit)
                 if not len(a):
                     continue
-                centre = np.stack([xs[r, c], ys[r, c]], axis=1).astype(np.float32) * stride
+                centre = np.stack([c, r], axis=1).astype(np.float32) * stride   # the anchors' centre: the cell's grid point
                 d = dist[i].reshape(anchors, 4, gh, gw)[a, :, r, c] * stride
                 k = kps[i].reshape(anchors, 10, gh, gw)[a, :, r, c].reshape(-1, 5, 2) * stride + centre[:, None]
                 score = 1 / (1 + np.exp(-logits[i][a, r, c]))

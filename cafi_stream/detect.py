@@ -282,7 +282,7 @@ class ScrfdDetector:
                 a, r, c = np.nonzero(logits[i] > self.min_logit)
                 if not len(a):
                     continue
-                centre = np.stack([c, r], axis=1).astype(np.float32) * stride   # the anchors' centre: the cell's grid point
+                centre = np.stack([c, r], axis=1).astype(np.float32) * stride   # an anchor's centre: its cell's corner
                 d = dist[i].reshape(anchors, 4, gh, gw)[a, :, r, c] * stride
                 k = kps[i].reshape(anchors, 10, gh, gw)[a, :, r, c].reshape(-1, 5, 2) * stride + centre[:, None]
                 score = 1 / (1 + np.exp(-logits[i][a, r, c]))

@@ -30,6 +30,7 @@ class ModelSource:
     input_shape: tuple[int, int, int]  # C, H, W
     torch_module: Callable[[], object] | None = None   # native module factory; else the ONNX graph is converted
     dynamic_hw: bool = False           # height and width vary (detectors): input_shape is then the largest
+    cpu_onnx_path: Path | None = None  # the same graph, faster on ONNX Runtime's CPU provider (export.prelu_as_convs)
 
 
 class Engine(Protocol):

@@ -31,7 +31,8 @@ class OrtEngine:
                 providers.insert(0, ("TensorrtExecutionProvider", {
                     "trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                     "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}))
-        self.session = ort.InferenceSession(str(source.onnx_path), opts, providers=providers)
+        self.path = source.cpu_onnx_path if device != "cuda" and source.cpu_onnx_path else source.onnx_path
+        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.input_name = self.session.get_inputs()[0].name
 

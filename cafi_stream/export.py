@@ -18,8 +18,6 @@ from .outdir import atomic_write
 
 log = logging.getLogger(__name__)
 
-BACKBONE_FORMAT = 2   # in the cached backbone's name: a file cut by an older version is cut again
-
 
 def cut_backbone(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     """The sub-graph that computes `tensor`, with `tensor` as its only output."""
@@ -84,13 +82,22 @@ def _input_chw(model: onnx.ModelProto, default: tuple[int, int, int]) -> tuple[i
 
 
 def fr_backbone_source(model: onnx.ModelProto, model_sha256: str, cut: str) -> ModelSource:
-    """The recognition network up to its embedding layer's input, its PRelu layers as convolutions, as an ONNX file
-    of its own."""
-    path = engines_dir() / f"fr_{model_sha256[:16]}_backbone_{BACKBONE_FORMAT}.onnx"
-    if not path.is_file():
-        atomic_write(path, prelu_as_convs(cut_backbone(model, cut)).SerializeToString())
+    """The recognition network up to its embedding layer's input, as an ONNX file of its own; where it has PRelu
+    layers, also a copy with them as convolutions for ONNX Runtime's CPU provider (GPUs fuse a PRelu into the
+    convolution before it, so the copy would only add layers there)."""
+    path = engines_dir() / f"fr_{model_sha256[:16]}_backbone.onnx"
+    cpu_path = path.with_name(f"{path.stem}_cpu.onnx")
+    has_prelu = any(node.op_type == "PRelu" for node in model.graph.node)
+    if not path.is_file() or (has_prelu and not cpu_path.is_file()):
+        backbone = cut_backbone(model, cut)
+        if not path.is_file():
+            atomic_write(path, backbone.SerializeToString())
+        faster = prelu_as_convs(backbone)
+        if faster is not backbone:
+            atomic_write(cpu_path, faster.SerializeToString())
     return ModelSource(name="fr_backbone", onnx_path=path, sha256=sha256_of(path),
-                       input_shape=_input_chw(model, (3, 112, 112)))
+                       input_shape=_input_chw(model, (3, 112, 112)),
+                       cpu_onnx_path=cpu_path if cpu_path.is_file() else None)
 
 
 def export_onnx(net, path: Path, input_shape: tuple[int, int, int]) -> None:

@@ -83,8 +83,8 @@ def _input_chw(model: onnx.ModelProto, default: tuple[int, int, int]) -> tuple[i
 
 def fr_backbone_source(model: onnx.ModelProto, model_sha256: str, cut: str) -> ModelSource:
     """The recognition network up to its embedding layer's input, as an ONNX file of its own; where it has PRelu
-    layers, also a copy with them as convolutions for ONNX Runtime's CPU provider (GPUs fuse a PRelu into the
-    convolution before it, so the copy would only add layers there)."""
+    layers, also a copy with them as convolutions for ONNX Runtime's CPU provider (on a GPU a PRelu is one
+    element-wise pass, and the copy's extra layers were not timed there)."""
     path = engines_dir() / f"fr_{model_sha256[:16]}_backbone.onnx"
     cpu_path = path.with_name(f"{path.stem}_cpu.onnx")
     has_prelu = any(node.op_type == "PRelu" for node in model.graph.node)

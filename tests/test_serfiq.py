@@ -78,7 +78,7 @@ def test_prelu_layers_become_convolutions_with_the_same_features(serfiq, aligned
     cut = cut_backbone(onnx.load(str(FR_MODEL)), serfiq.head.cut)
     new = prelu_as_convs(cut)
     assert ops(cut).count("PRelu") == 33 and "PRelu" not in ops(new)
-    # ONNX Runtime on CPU reads the rewritten copy; GPU backends, which fuse a PRelu into its convolution, the cut
+    # ONNX Runtime on CPU reads the rewritten copy; the GPU backends the cut graph
     assert serfiq.engine.path == engines_dir() / f"fr_{serfiq.spec.sha256[:16]}_backbone_cpu.onnx"
     assert "PRelu" not in ops(onnx.load(str(serfiq.engine.path)))
     assert ops(onnx.load(str(serfiq.engine.path.with_name(f"fr_{serfiq.spec.sha256[:16]}_backbone.onnx")))) == ops(cut)
